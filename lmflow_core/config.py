@@ -1,0 +1,350 @@
+"""The run configuration: one typed object built from defaults, a YAML file and command-line flags.
+
+Precedence, lowest first: the bundled demo's settings (only when neither a model nor a dataset is given),
+the ``--config`` YAML file, then flags given on the command line. Every field can be set in the file under its
+own name; a plugin's options live in a section named after the plugin. Problems are collected and reported
+together, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from .errors import ConfigError
+
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def opt(default: Any, help: str, group: str, **checks: Any) -> Any:
+    """A config field with its ``--help`` text, its help group and its checks (``min``, ``choices``...)."""
+    meta = {"help": help, "group": group, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Build it in Python, from YAML (:func:`load_config_file`) or from CLI flags."""
+
+    # Model
+    model: str | None = opt(
+        None,
+        "Hugging Face model id or local model directory. Omit to fine-tune the bundled demo model.",
+        "Model",
+    )
+    tokenizer: str | None = opt(None, "Tokenizer id or directory (default: the model's own).", "Model")
+    random_init: bool = opt(
+        False, "Build the model from its config with seeded random weights (training from scratch).", "Model"
+    )
+    model_dtype: str = opt(
+        "float32",
+        "Dtype the weights are loaded in. Keep float32 with --bf16/--fp16 (mixed precision).",
+        "Model",
+        choices=MODEL_DTYPES,
+    )
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repository to run.", "Model")
+
+    # Data
+    dataset: str | None = opt(
+        None, "Training data: a .json/.jsonl file or a directory of them (see README, Data formats).", "Data"
+    )
+    eval_dataset: str | None = opt(
+        None, "Evaluation data, same formats; scored at the end of the run.", "Data"
+    )
+    template: str | None = opt(
+        None,
+        "Conversation template for conversation data (see `lmflow templates list`); default: the one stored "
+        "with the model.",
+        "Data",
+    )
+    block_size: int | None = opt(
+        None,
+        "Longest example in tokens; longer ones are truncated and counted. Default: the model's context, at "
+        "most 1024.",
+        "Data",
+        min=8,
+    )
+    group_texts: bool = opt(
+        True,
+        "For text_only data, concatenate texts and cut them into block-size chunks (no padding).",
+        "Data",
+    )
+    max_samples: int | None = opt(
+        None, "Use only the first N records of each dataset (for quick trials).", "Data", min=1
+    )
+
+    # Training
+    output_dir: str = opt("output", "Where checkpoints and the final model are written.", "Training")
+    overwrite: bool = opt(False, "Replace an existing run in --output-dir.", "Training")
+    resume: str | None = opt(
+        None,
+        "Resume from the latest checkpoint in --output-dir (--resume) or from a checkpoint path.",
+        "Training",
+    )
+    plugins: list[str] = opt([], "Plugins to use, comma-separated (see `lmflow plugins`).", "Training")
+    epochs: float = opt(3.0, "Number of passes over the training data.", "Training", min_exclusive=0)
+    max_steps: int | None = opt(
+        None, "Stop after this many optimizer steps (overrides --epochs).", "Training", min=1
+    )
+    learning_rate: float = opt(2e-5, "Peak learning rate.", "Training", min_exclusive=0)
+    lr_scheduler: str = opt("linear", "Learning-rate schedule.", "Training", choices=SCHEDULERS)
+    warmup: float = opt(
+        0.0, "Warm-up length: a number of steps, or a fraction of all steps when below 1.", "Training", min=0
+    )
+    weight_decay: float = opt(0.0, "AdamW weight decay.", "Training", min=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables clipping).", "Training", min=0)
+    optimizer: str | None = opt(
+        None,
+        "Optimizer name as transformers knows it (e.g. adamw_torch, adafactor, sgd). Default: transformers' own "
+        "(fused AdamW on recent torch).",
+        "Training",
+    )
+    batch_size: int = opt(8, "Examples per device per step.", "Training", min=1)
+    eval_batch_size: int | None = opt(
+        None, "Examples per device per evaluation step (default: --batch-size).", "Training", min=1
+    )
+    grad_accum: int = opt(1, "Gradient accumulation steps per optimizer step.", "Training", min=1)
+    seed: int = opt(42, "Random seed for initialisation, data order and dropout.", "Training", min=0)
+    bf16: bool = opt(False, "Train in bfloat16 mixed precision.", "Training")
+    fp16: bool = opt(False, "Train in float16 mixed precision (CUDA only).", "Training")
+    gradient_checkpointing: bool = opt(
+        False, "Recompute activations in the backward pass to save memory.", "Training"
+    )
+    dataloader_workers: int = opt(0, "Worker processes that load batches.", "Training", min=0)
+
+    # Checkpoints and logging
+    logging_steps: int = opt(10, "Log the loss every N optimizer steps.", "Checkpoints and logging", min=1)
+    save_steps: int | None = opt(
+        500,
+        "Write a checkpoint every N steps (omit for none: only the final model).",
+        "Checkpoints and logging",
+        min=1,
+    )
+    save_total_limit: int | None = opt(
+        3, "Keep at most N checkpoints (oldest deleted first).", "Checkpoints and logging", min=1
+    )
+    eval_steps: int | None = opt(
+        None,
+        "Also compute the eval loss every N steps (needs --eval-dataset).",
+        "Checkpoints and logging",
+        min=1,
+    )
+    report_to: str = opt(
+        "none",
+        "Experiment trackers for transformers (e.g. tensorboard, wandb) or none.",
+        "Checkpoints and logging",
+    )
+    sample_prompts: list[str] = opt(
+        [], "User messages to answer with the trained model at the end of the run.", "Checkpoints and logging"
+    )
+
+    # Plugin options: {plugin_name: {option_name: value}}; filled with defaults once plugins are selected.
+    plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def options_for(self, plugin: str) -> SimpleNamespace:
+        """The options of ``plugin`` as attributes (``config.options_for("lisa").interval_steps``)."""
+        return SimpleNamespace(**self.plugin_options.get(plugin, {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict, as written to the YAML/JSON run record (plugin sections at top level)."""
+        data = {f.name: getattr(self, f.name) for f in core_fields()}
+        data.update({k: dict(v) for k, v in self.plugin_options.items()})
+        return data
+
+    @property
+    def is_demo(self) -> bool:
+        """True when the run uses the bundled demo model (no --model given)."""
+        return self.model is None
+
+
+def core_fields() -> list[dataclasses.Field]:
+    """The user-settable fields (everything but ``plugin_options``)."""
+    return [f for f in dataclasses.fields(RunConfig) if f.name != "plugin_options"]
+
+
+FIELD_NAMES = frozenset(f.name for f in core_fields())
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) run config into a dict, checking it is a mapping of known keys."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", "check the path given to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}", "fix the syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of option: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(*layers: dict[str, Any]) -> tuple[RunConfig, list[str]]:
+    """Merge layers of settings (later wins) into a :class:`RunConfig`.
+
+    Keys that are not core fields are taken as plugin sections (``{plugin: {option: value}}``); they are
+    checked against the plugins' declared options later, by :func:`resolve_plugin_options`.
+
+    Returns the config and the problems found (unknown keys, wrong types, out-of-range values).
+    """
+    merged: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for layer in layers:
+        for key, value in layer.items():
+            if key in FIELD_NAMES:
+                merged[key] = value
+            elif key == "plugin_options" and isinstance(value, dict):
+                for plugin, opts in value.items():
+                    sections.setdefault(plugin, {}).update(opts or {})
+            elif isinstance(value, dict):
+                sections.setdefault(key, {}).update(value)
+            else:
+                close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+                guess = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(f"unknown option '{key}'{guess}")
+    values: dict[str, Any] = {}
+    for f in core_fields():
+        if f.name not in merged:
+            continue
+        value, problem = _check_field(f, merged[f.name])
+        if problem:
+            problems.append(problem)
+        else:
+            values[f.name] = value
+    config = RunConfig(**values)
+    config.plugin_options = sections
+    problems.extend(check_config(config))
+    return config, problems
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
+    name = f"--{f.name.replace('_', '-')}"
+    annotation = str(f.type)
+    if value is None:
+        if "None" in annotation:
+            return None, None
+        return value, f"{name} needs a value"
+    try:
+        if annotation.startswith("list"):
+            from .plugins import parse_plugin_names
+
+            if f.name == "plugins":
+                value = parse_plugin_names(value)
+            elif isinstance(value, str):
+                value = [value]
+            elif not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            else:
+                value = list(value)
+        elif annotation.startswith("bool"):
+            if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
+                value = value.lower() in {"true", "yes", "1"}
+            elif not isinstance(value, bool):
+                raise ValueError
+        elif annotation.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif annotation.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        elif annotation.startswith("str"):
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise ValueError
+            value = str(value)
+    except (TypeError, ValueError):
+        kind = annotation.split(" ")[0].split("[")[0]
+        return (
+            value,
+            f"{name} must be {'a list of strings' if kind == 'list' else 'of type ' + kind}, got {value!r}",
+        )
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        return value, f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}"
+    if "min" in meta and value < meta["min"]:
+        return value, f"{name} must be at least {meta['min']}, got {value!r}"
+    if "min_exclusive" in meta and value <= meta["min_exclusive"]:
+        return value, f"{name} must be greater than {meta['min_exclusive']}, got {value!r}"
+    return value, None
+
+
+def check_config(config: RunConfig) -> list[str]:
+    """Cross-field checks of the core options. Returns the problems (empty when all is well)."""
+    problems = []
+    if config.bf16 and config.fp16:
+        problems.append("--bf16 and --fp16 are both set; choose one")
+    if config.fp16:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("--fp16 needs a CUDA GPU and none is available; use --bf16 or full precision")
+    if config.resume and config.overwrite:
+        problems.append("--resume and --overwrite contradict each other; drop one")
+    if config.eval_steps and not config.eval_dataset:
+        problems.append("--eval-steps needs --eval-dataset")
+    if config.model is None and config.random_init:
+        problems.append(
+            "--random-init needs --model (a config directory or hub id); the demo is random already"
+        )
+    return problems
+
+
+def resolve_plugin_options(config: RunConfig, declared: dict[str, list]) -> list[str]:
+    """Check ``config.plugin_options`` against what the selected plugins declare, filling in defaults.
+
+    Args:
+        declared: ``{plugin: [PluginOption, ...]}`` for the selected plugins.
+
+    Returns the problems found: a section for a plugin that is not selected, an unknown option, a bad value.
+    """
+    problems = []
+    resolved: dict[str, dict[str, Any]] = {}
+    for plugin in config.plugin_options:
+        if plugin not in declared:
+            problems.append(
+                f"options given for plugin '{plugin}', which is not selected; add it to --plugins or remove "
+                "its options"
+            )
+    for plugin, options in declared.items():
+        given = dict(config.plugin_options.get(plugin, {}))
+        section: dict[str, Any] = {}
+        by_name = {o.name: o for o in options}
+        for key in given:
+            if key.replace("-", "_") not in by_name:
+                close = difflib.get_close_matches(key, list(by_name), n=1)
+                guess = f" (did you mean '{close[0]}'?)" if close else ""
+                problems.append(f"plugin '{plugin}' has no option '{key}'{guess}")
+        given = {k.replace("-", "_"): v for k, v in given.items()}
+        for option in options:
+            value, problem = option.check(plugin, given.get(option.name, option.default))
+            if problem:
+                problems.append(problem)
+            section[option.name] = value
+        resolved[plugin] = section
+    config.plugin_options = resolved
+    return problems

@@ -1,0 +1,379 @@
+"""Every hook a plugin can implement, grouped by the phase of a run in which it is called.
+
+A plugin is a module (or any object) whose functions are marked with :data:`lmflow_core.hookimpl` and named
+after a hook below. A hook implementation may accept any subset of the hook's arguments, by name. A marked
+function whose name is not a hook here is an error when the plugin is loaded (no silent typos).
+
+Two kinds of hooks:
+
+* **Catalog hooks** (``register_templates``, ``register_commands``) are called on *every installed* plugin:
+  templates and commands are available without selecting the plugin that provides them.
+* **Run hooks** (all the others) are called only on the plugins a run selects with ``--plugins``, plus the
+  core's own defaults, which are ``trylast`` implementations that a plugin overrides by returning a value.
+
+How results combine is stated per hook: *first result* (``firstresult``: the first plugin returning
+something other than ``None`` wins, the core default answers last), *all* (a list with every plugin's
+non-``None`` result), or *fold* (each plugin receives what the previous one returned; ``None`` keeps it).
+Plugins are called in the order they are named in ``--plugins`` (``tryfirst``/``trylast`` aside), the core's
+defaults last.
+Set ``LMFLOW_TRACE_HOOKS=1`` to print every hook call and which plugins answered it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+    import datasets
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+    from .config import RunConfig
+    from .generate import GenerationOptions
+    from .options import PluginOption
+    from .templates import Conversation, Segment, Template
+    from .train import StepContext
+
+PROJECT = "lmflow"
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Catalog: called on every installed plugin
+# --------------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def register_templates() -> list[Template]:
+    """Contribute conversation templates to the registry.
+
+    When: whenever a template is looked up by name or listed (``--template``, ``lmflow templates``), on every
+    installed plugin, selected or not.
+
+    Returns: a list of :class:`lmflow_core.templates.Template` objects.
+
+    Combine: all; the lists are concatenated. Two templates with the same name are an error naming both
+    plugins.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add sub-commands to the ``lmflow`` command line.
+
+    When: once at CLI start-up, on every installed plugin. Keep the plugin module's imports light: heavy
+    libraries belong inside the command's function.
+
+    Args:
+        cli: the top-level click group; call ``cli.add_command(...)`` or use ``@cli.command()``.
+
+    Combine: all; return values are ignored.
+    """
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration: called before anything heavy is loaded
+# --------------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def declare_options() -> list[PluginOption]:
+    """Declare this plugin's options.
+
+    When: when a run is configured with the plugin selected, and for ``lmflow run --plugins X --help``.
+    Each option becomes a ``lmflow run`` flag (``--<plugin>-<name>`` unless the option names its own flag) and
+    a key in the plugin's section of the YAML config; values are validated (type, choices, range) before any
+    model loads and reach the plugin as ``config.options_for("<plugin>")``.
+
+    Returns: a list of :class:`lmflow_core.options.PluginOption`.
+
+    Combine: per plugin; each plugin's list is kept under its own name.
+    """
+
+
+@hookspec
+def declare_conflicts() -> dict[str, str]:
+    """Name the plugins this plugin cannot run with.
+
+    When: when plugins are selected, before anything else.
+
+    Returns: ``{other_plugin_name: reason}``. Selecting both is an error that names both plugins and gives
+    the reason; either plugin may declare the conflict.
+
+    Combine: per plugin.
+    """
+
+
+@hookspec
+def validate_config(config: RunConfig) -> list[str] | None:
+    """Check the run configuration for problems that only this plugin knows about.
+
+    When: after options are parsed and the core's own checks ran, before any model or data is loaded.
+
+    Args:
+        config: the resolved run configuration (``config.options_for(name)`` for plugin options).
+
+    Returns: a list of problems, each a sentence naming the bad value and the fix; ``None`` or ``[]`` if
+    all is well. Do not raise: returning lets every problem of every plugin be reported at once.
+
+    Combine: all; every problem is reported in one error and the run stops.
+    """
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model: tokenizer, model configuration, weights, and wrapping
+# --------------------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def load_tokenizer(config: RunConfig) -> PreTrainedTokenizerBase | None:
+    """Load the tokenizer for the run.
+
+    When: after validation, before data is tokenized. The core default loads ``config.tokenizer`` (or the
+    model's) with ``AutoTokenizer`` and gives it a pad token if it has none.
+
+    Returns: a tokenizer, or ``None`` to let the next plugin (finally the core) load it.
+
+    Combine: first result.
+    """
+
+
+@hookspec
+def configure_model(config: RunConfig, model_config: PretrainedConfig) -> None:
+    """Change the model's ``PretrainedConfig`` before its weights are loaded.
+
+    When: after the configuration is read from the model directory or hub, before ``load_model``. Changes
+    made here are saved with the output model (e.g. RoPE scaling, attention implementation).
+
+    Args:
+        config: the run configuration.
+        model_config: the transformers config object; modify it in place.
+
+    Combine: all; return values are ignored.
+    """
+
+
+@hookspec
+def model_init_kwargs(config: RunConfig) -> dict[str, Any] | None:
+    """Contribute keyword arguments for ``from_pretrained`` / ``from_config``.
+
+    When: just before ``load_model``. Use it for ``attn_implementation``, ``quantization_config``,
+    ``device_map`` and the like.
+
+    Returns: a dict of keyword arguments, or ``None``.
+
+    Combine: all; the dicts are merged. Two plugins setting the same key to different values is an error
+    naming both plugins.
+    """
+
+
+@hookspec(firstresult=True)
+def load_model(
+    config: RunConfig, model_config: PretrainedConfig, init_kwargs: dict[str, Any]
+) -> PreTrainedModel | None:
+    """Create the model.
+
+    When: after ``configure_model`` and ``model_init_kwargs``. The core default calls
+    ``AutoModelForCausalLM.from_pretrained`` (or ``from_config`` with a seeded random initialisation when
+    ``config.random_init`` is set, as the demo does).
+
+    Returns: a model, or ``None`` to let the next plugin (finally the core) load it.
+
+    Combine: first result.
+    """
+
+
+@hookspec
+def prepare_model(
+    config: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel | None:
+    """Transform the loaded model before training: wrap it in adapters, freeze layers, resize embeddings.
+
+    When: after ``load_model``, before the trainer is built.
+
+    Returns: the model to use from now on (e.g. a ``PeftModel``), or ``None`` when the model was changed in
+    place.
+
+    Combine: fold; each plugin receives the model returned by the previous one.
+    """
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def format_conversation(
+    template: Template,
+    conversation: Conversation,
+    add_generation_prompt: bool,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> list[Segment] | None:
+    """Render a conversation as text segments, each marked as trained (carries the loss) or not.
+
+    When: for every conversation record during data preparation, and to build the prompt for generation
+    (with ``add_generation_prompt=True``). Training and inference go through this one hook, so their formats
+    cannot drift apart. The core default calls ``template.render(...)``.
+
+    Args:
+        template: the selected :class:`lmflow_core.templates.Template`.
+        conversation: the system prompt and messages.
+        add_generation_prompt: append the header that starts the assistant's next turn.
+        tokenizer: the run's tokenizer, for templates that use its special tokens (may be ``None``).
+
+    Returns: a list of :class:`lmflow_core.templates.Segment`, or ``None`` to defer.
+
+    Combine: first result.
+    """
+
+
+@hookspec
+def prepare_dataset(
+    config: RunConfig, dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, split: str
+) -> datasets.Dataset | None:
+    """Transform a tokenized dataset (columns ``input_ids``, ``labels``, ``attention_mask``).
+
+    When: after tokenization and truncation, for ``split`` = ``"train"`` and ``"eval"``. Use it for packing,
+    filtering by length, or adding columns a custom collator needs.
+
+    Returns: the dataset to use from now on, or ``None`` to keep it.
+
+    Combine: fold.
+    """
+
+
+@hookspec(firstresult=True)
+def data_collator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """Provide the function that turns a list of examples into a batch.
+
+    When: when the trainer is built. The core default pads ``input_ids`` with the pad token and ``labels``
+    with -100 (``DataCollatorForSeq2Seq``).
+
+    Returns: a callable, or ``None`` to defer.
+
+    Combine: first result.
+    """
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def adjust_training_args(config: RunConfig, training_args: dict[str, Any]) -> None:
+    """Change the keyword arguments of ``transformers.TrainingArguments`` before it is built.
+
+    When: after the model is prepared, before the trainer is built. The dict already holds every value the
+    core derives from the run config (batch sizes, precision, schedule, checkpointing). Use it for DeepSpeed
+    or FSDP configs, optimizer choice, and similar.
+
+    Args:
+        training_args: the keyword arguments; modify in place.
+
+    Combine: all; plugins see each other's changes in call order. Return values are ignored.
+    """
+
+
+@hookspec
+def trainer_callbacks(config: RunConfig) -> list[TrainerCallback] | None:
+    """Contribute ``transformers.TrainerCallback`` objects to the trainer.
+
+    When: when the trainer is built.
+
+    Returns: a list of callbacks, or ``None``.
+
+    Combine: all; the lists are concatenated.
+    """
+
+
+@hookspec
+def wrap_optimizer(
+    config: RunConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> torch.optim.Optimizer | None:
+    """Replace or wrap the optimizer the trainer created.
+
+    When: once, when the trainer creates its optimizer (before the first step, and before a checkpoint's
+    optimizer state is loaded on resume).
+
+    Returns: the optimizer to use, or ``None`` to keep it.
+
+    Combine: fold.
+    """
+
+
+@hookspec
+def on_step(config: RunConfig, step: StepContext) -> None:
+    """Act after every optimizer step.
+
+    When: at the end of each optimizer step (after gradient accumulation), on every process.
+
+    Args:
+        step: a :class:`lmflow_core.train.StepContext` with ``global_step``, ``max_steps``, ``epoch``,
+            ``loss`` (this process's loss of the step), ``model``, ``optimizer``, ``lr_scheduler``,
+            ``output_dir`` and ``is_main_process``.
+
+    Combine: all; return values are ignored.
+    """
+
+
+@hookspec
+def on_train_end(
+    config: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str
+) -> None:
+    """Act once training has finished and the final model is saved in ``output_dir``.
+
+    When: after the final save, before evaluation and the run summary; on the main process only. Use it to
+    write extra files next to the model.
+
+    Combine: all; return values are ignored.
+    """
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inference and evaluation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def decode(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: torch.Tensor,
+    options: GenerationOptions,
+    streamer: Any,
+) -> torch.Tensor | None:
+    """Generate tokens after a prompt.
+
+    When: for every generation (run samples, and the inference commands). The core default calls
+    ``model.generate`` with the options (greedy or sampling, stop strings, end-of-turn tokens).
+
+    Args:
+        input_ids: the prompt, shape ``(1, prompt_length)``.
+        options: a :class:`lmflow_core.generate.GenerationOptions`.
+        streamer: a transformers streamer receiving tokens as they are produced, or ``None``.
+
+    Returns: the full sequences (prompt followed by the new tokens), or ``None`` to defer.
+
+    Combine: first result.
+    """
+
+
+@hookspec
+def evaluate(
+    config: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset
+) -> dict[str, float] | None:
+    """Measure the model on a tokenized evaluation dataset.
+
+    When: at the end of a run that has an evaluation dataset. The core default reports the negative
+    log-likelihood of the trained tokens (``nll_per_sample``, ``nll_per_token``, ``perplexity``).
+
+    Returns: a dict of metric name to value, or ``None``.
+
+    Combine: all; the dicts are merged into one report (a later plugin's key does not overwrite an earlier
+    one's: a duplicate metric name is an error).
+    """
