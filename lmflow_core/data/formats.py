@@ -1,0 +1,245 @@
+"""Reading and validating datasets.
+
+Accepted inputs (a file, or a directory whose ``.json``/``.jsonl`` files are all read, in name order):
+
+* the LMFlow format, ``{"type": T, "instances": [...]}`` in a ``.json`` file, with ``T`` one of
+  ``text_only`` (``{"text"}``), ``text2text`` (``{"input", "output"}``) and ``conversation``
+  (``{"system"?, "messages": [{"role", "content"}, ...]}``);
+* ``.jsonl`` files with one such instance per line, or a ``.json`` list of instances: the type is inferred from
+  the keys of the records;
+* Alpaca-style records (``{"instruction", "input"?, "output"}``), converted to one-turn conversations whose user
+  message is the instruction followed by the input.
+
+Every record is checked; the first malformed one stops the run with an error naming its file and index.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..templates import Conversation, Template, TemplateError
+
+TYPES = ("text_only", "text2text", "conversation")
+ALPACA = "alpaca"
+EXTENSIONS = (".json", ".jsonl")
+_KEYS_TO_TYPE = (
+    ("messages", "conversation"),
+    ("instruction", ALPACA),
+    ("text", "text_only"),
+    ("input", "text2text"),
+    ("output", "text2text"),
+)
+
+
+@dataclass
+class RawDataset:
+    """Validated records of one dataset, normalised to its type's shape.
+
+    ``records`` hold ``{"text"}`` (text_only), ``{"input", "output"}`` (text2text) or ``{"system",
+    "messages"}`` (conversation, Alpaca records included). ``origins[i]`` names where record ``i`` came from.
+    """
+
+    type: str
+    records: list[dict[str, Any]]
+    files: list[Path]
+    origins: list[str] = field(default_factory=list)
+    converted: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def dataset_files(path: str | Path) -> list[Path]:
+    """The data files at ``path`` (itself, or the ``.json``/``.jsonl`` files of a directory)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in EXTENSIONS)
+        if not files:
+            raise DataError(f"dataset directory {path} holds no .json or .jsonl file", "check the path")
+        return files
+    if not path.exists():
+        raise DataError(f"dataset {path} does not exist", "check the path given to --dataset")
+    if path.suffix not in EXTENSIONS:
+        raise DataError(
+            f"dataset {path} is not a .json or .jsonl file", "convert it to one of the formats in README"
+        )
+    return [path]
+
+
+def load_raw_dataset(
+    path: str | Path, template: Template | None = None, max_samples: int | None = None
+) -> RawDataset:
+    """Read and validate every record of the dataset at ``path``.
+
+    Args:
+        template: when given, every conversation is also checked against it (roles, order, system prompt).
+        max_samples: keep only the first N records (after validation of those N).
+
+    Raises:
+        DataError: naming the file and record index of the first problem.
+    """
+    files = dataset_files(path)
+    dataset: RawDataset | None = None
+    for file in files:
+        kind, items = _read_file(file)
+        for label, item in items:
+            if max_samples is not None and dataset is not None and len(dataset) >= max_samples:
+                break
+            where = f"{file}: {label}"
+            record_type, record = _normalise(item, kind, where)
+            if dataset is None:
+                dataset = RawDataset(_base_type(record_type), [], files)
+            elif _base_type(record_type) != dataset.type:
+                raise DataError(
+                    f"{where} is a {record_type} record but earlier records are {dataset.type}",
+                    "a dataset holds one type of record; split it into separate datasets",
+                )
+            if record_type == ALPACA:
+                dataset.converted[ALPACA] += 1
+            if template is not None and dataset.type == "conversation":
+                try:
+                    template.check(Conversation.from_messages(record["messages"], record["system"]))
+                except TemplateError as exc:
+                    raise DataError(
+                        f"{where}: {exc.one_line()}", "fix the record or choose another --template"
+                    ) from exc
+            dataset.records.append(record)
+            dataset.origins.append(where)
+    if dataset is None or not dataset.records:
+        raise DataError(f"dataset {path} holds no records", "add records or check the path")
+    return dataset
+
+
+def _read_file(file: Path) -> tuple[str | None, list[tuple[str, Any]]]:
+    """``(declared type or None, [(label, item), ...])`` of one file; labels say where an item is."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{file} is not UTF-8 text (byte {exc.start})", "re-encode the file as UTF-8"
+        ) from exc
+    if file.suffix == ".jsonl":
+        items = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{file}: line {number} is not valid JSON ({exc.msg})", "fix that line"
+                ) from exc
+        return None, items
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", "fix the syntax"
+        ) from exc
+    if isinstance(data, list):
+        return None, [(f"record {i}", item) for i, item in enumerate(data)]
+    if isinstance(data, dict) and "instances" in data:
+        kind = data.get("type")
+        if kind not in TYPES:
+            raise DataError(
+                f'{file}: "type" is {kind!r}; expected one of {", ".join(TYPES)}',
+                "set the dataset type at the top of the file",
+            )
+        if not isinstance(data["instances"], list):
+            raise DataError(f'{file}: "instances" must be a list of records')
+        return kind, [(f"instance {i}", item) for i, item in enumerate(data["instances"])]
+    raise DataError(
+        f'{file} is neither an LMFlow dataset ({{"type", "instances"}}) nor a list of records',
+        "see README, Data formats",
+    )
+
+
+def _base_type(record_type: str) -> str:
+    return "conversation" if record_type == ALPACA else record_type
+
+
+def _infer_type(item: dict[str, Any]) -> str | None:
+    for key, kind in _KEYS_TO_TYPE:
+        if key in item:
+            return kind
+    return None
+
+
+def _normalise(item: Any, declared: str | None, where: str) -> tuple[str, dict[str, Any]]:
+    if not isinstance(item, dict):
+        raise DataError(f"{where} must be a JSON object, got {type(item).__name__}", "fix the record")
+    kind = declared or _infer_type(item)
+    if kind is None:
+        raise DataError(
+            f'{where} has keys {sorted(item)}; expected "text", "input"/"output", "messages" or '
+            '"instruction"/"output"',
+            "see README, Data formats",
+        )
+    if kind == "text_only":
+        return kind, {"text": _string(item, "text", where, allow_empty=False)}
+    if kind == "text2text":
+        return kind, {
+            "input": _string(item, "input", where, allow_empty=True),
+            "output": _string(item, "output", where, allow_empty=False),
+        }
+    if kind == ALPACA:
+        instruction = _string(item, "instruction", where, allow_empty=False)
+        extra = item.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(f'{where}: "input" must be a string, got {type(extra).__name__}')
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        output = _string(item, "output", where, allow_empty=False)
+        return kind, {
+            "system": None,
+            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}],
+        }
+    return kind, _conversation(item, where)
+
+
+def _string(item: dict[str, Any], key: str, where: str, allow_empty: bool) -> str:
+    if key not in item:
+        raise DataError(f'{where} has no "{key}"', "add it or fix the dataset type")
+    value = item[key]
+    if not isinstance(value, str):
+        raise DataError(f'{where}: "{key}" must be a string, got {type(value).__name__}')
+    if not allow_empty and not value.strip():
+        raise DataError(f'{where}: "{key}" is empty', "remove the record or fill it in")
+    return value
+
+
+def _conversation(item: dict[str, Any], where: str) -> dict[str, Any]:
+    messages = item.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    system = item.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError(f'{where}: "system" must be a string, got {type(system).__name__}')
+    clean = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f'{where}: message {i} must be an object with "role" and "content"')
+        role, content = message["role"], message["content"]
+        if role not in ("system", "user", "assistant"):
+            raise DataError(
+                f"{where}: message {i} has unknown role {role!r}; expected user, assistant or system"
+            )
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {i} content must be a string, got {type(content).__name__}")
+        if role == "system":
+            if i != 0 or system is not None:
+                raise DataError(
+                    f'{where}: message {i} is a system message; only one, as the first message or as "system"',
+                )
+            system = content
+            continue
+        clean.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in clean):
+        raise DataError(
+            f"{where} has no assistant message, so nothing in it would be trained", "remove the record"
+        )
+    return {"system": system, "messages": clean}

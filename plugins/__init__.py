@@ -1,0 +1,1 @@
+"""lmflow's built-in plugins. Each module registers through the ``lmflow.plugins`` entry-point group."""
