@@ -1,0 +1,464 @@
+"""The ``lmflow`` command line.
+
+Errors a user can cause end with one line on stderr (``Error: <problem>. <fix>``) and a non-zero exit; add
+``--debug`` (or set ``LMFLOW_DEBUG=1``) to see the traceback. Heavy libraries are imported inside commands so
+that ``lmflow --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import RunConfig, core_fields, load_config_file
+from .errors import LmflowError
+from .plugins import parse_plugin_names
+
+DEBUG_KEY = "lmflow.debug"
+PLUGIN_PARAMS_KEY = "lmflow.plugin_params"
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[DEBUG_KEY] = True
+    return value
+
+
+debug_option = click.option(
+    "--debug",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_debug,
+    help="Show the full traceback when something fails.",
+)
+
+
+class LmflowGroup(click.Group):
+    """The top-level group: turns every failure into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # report anything else on one line; --debug shows the traceback
+            if ctx.meta.get(DEBUG_KEY) or os.environ.get("LMFLOW_DEBUG"):
+                raise
+            if isinstance(exc, LmflowError):
+                click.echo(f"Error: {exc.one_line()}", err=True)
+                ctx.exit(exc.exit_code)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(
+                f"Error: {type(exc).__name__}: {first} (run again with --debug for the traceback)", err=True
+            )
+            ctx.exit(1)
+
+
+@click.group(cls=LmflowGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lmflow")
+@debug_option
+def cli() -> None:
+    """lmflow: fine-tune, chat with and measure large language models.
+
+    Run `lmflow run` with no arguments to fine-tune the bundled demo model on two CPU cores.
+    """
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lmflow run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _field_option(f: dataclasses.Field) -> click.Option:
+    flag = "--" + f.name.replace("_", "-")
+    meta = dict(f.metadata)
+    kind = str(f.type)
+    shown = f.default not in (None, False, dataclasses.MISSING) and not kind.startswith("list")
+    common: dict[str, Any] = {
+        "help": meta["help"] + (f" [default: {f.default}]" if shown else ""),
+        "default": None,
+    }
+    if f.name == "resume":
+        option = click.Option([flag], is_flag=False, flag_value="latest", metavar="[PATH]", **common)
+    elif kind.startswith("bool"):
+        option = click.Option([f"{flag}/--no-{flag[2:]}"], **common)
+    elif kind.startswith("list") and f.name != "plugins":
+        option = click.Option([flag.rstrip("s")], multiple=True, help=meta["help"] + " Repeatable.")
+    else:
+        base = kind.split(" ")[0]
+        click_type: Any = {"int": int, "float": float}.get(base, str)
+        if "choices" in meta:
+            click_type = click.Choice(meta["choices"])
+        option = click.Option([flag], type=click_type, **common)
+    option.lmflow_field = f.name  # type: ignore[attr-defined]
+    option.lmflow_group = meta["group"]  # type: ignore[attr-defined]
+    return option
+
+
+def _plugin_options(ctx: click.Context, args: list[str]) -> list[click.Option]:
+    """Flags of the plugins named on the command line or in the --config file."""
+    from .plugins import select_plugins
+
+    names = _scan_values(args, "--plugins")
+    config_files = _scan_values(args, "--config")
+    if config_files:
+        try:
+            names = parse_plugin_names(load_config_file(config_files[-1]).get("plugins")) + names
+        except LmflowError:
+            pass  # reported properly when the command runs
+    names = parse_plugin_names(names)
+    if not names:
+        return []
+    params = []
+    for plugin, options in select_plugins(names).options.items():
+        for opt in options:
+            flag = opt.flag_for(plugin)
+            decls = [f"{flag}/--no-{flag[2:]}"] if opt.type is bool else [flag]
+            extra = f" [default: {opt.default}]" if opt.default is not None else ""
+            param = click.Option(
+                decls,
+                type=None
+                if opt.type is bool
+                else (click.Choice([str(c) for c in opt.choices]) if opt.choices else opt.type),
+                default=None,
+                help=(opt.help or "") + extra,
+            )
+            param.lmflow_plugin = (plugin, opt.name)  # type: ignore[attr-defined]
+            param.lmflow_group = f"Plugin: {plugin}"  # type: ignore[attr-defined]
+            params.append(param)
+    return params
+
+
+def _scan_values(args: list[str], flag: str) -> list[str]:
+    values = []
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            values.append(args[i + 1])
+        elif arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
+class RunCommand(click.Command):
+    """``lmflow run``: core flags from :class:`RunConfig`, plus the flags of the selected plugins."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[PLUGIN_PARAMS_KEY] = _plugin_options(ctx, args)
+        return super().parse_args(ctx, args)
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        return params[:-1] + ctx.meta.get(PLUGIN_PARAMS_KEY, []) + params[-1:]  # keep --help last
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                groups.setdefault(getattr(param, "lmflow_group", "General"), []).append(record)
+        for name, records in groups.items():
+            with formatter.section(name):
+                formatter.write_dl(records)
+
+
+def _run_params() -> list[click.Parameter]:
+    params: list[click.Parameter] = [
+        click.Option(
+            ["--config", "config_file"],
+            type=click.Path(dir_okay=False),
+            help="YAML file with run settings; flags override it.",
+        ),
+    ]
+    params[0].lmflow_group = "General"  # type: ignore[attr-defined]
+    params += [_field_option(f) for f in core_fields()]
+    return params
+
+
+def _run_callback(config_file: str | None, **values: Any) -> None:
+    from .train import configure, execute
+
+    ctx = click.get_current_context()
+    flags: dict[str, Any] = {}
+    for param in ctx.command.get_params(ctx):
+        if (
+            param.name not in values
+            or ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE
+        ):
+            continue
+        value = values[param.name]
+        if hasattr(param, "lmflow_plugin"):
+            plugin, option = param.lmflow_plugin
+            flags.setdefault(plugin, {})[option] = value
+        elif hasattr(param, "lmflow_field"):
+            flags[param.lmflow_field] = list(value) if isinstance(value, tuple) else value
+    config, plugins = configure(config_file=config_file, **flags)
+    execute(config, plugins)
+
+
+run_command = RunCommand(
+    "run",
+    callback=_run_callback,
+    params=[
+        *_run_params(),
+        click.Option(
+            ["--debug"],
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,
+            callback=_set_debug,
+            help="Show the full traceback when something fails.",
+        ),
+    ],
+    help=(
+        "Fine-tune a causal language model.\n\n"
+        "With no --model and no --dataset, fine-tunes the bundled demo model on its bundled conversations. "
+        "Plugin flags appear once the plugin is named: `lmflow run --plugins NAME --help`."
+    ),
+    short_help="Fine-tune a model (no arguments: the bundled demo).",
+)
+cli.add_command(run_command)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lmflow plugins
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@debug_option
+def plugins_command(as_json: bool) -> None:
+    """List the installed plugins: name, version, source and the hooks each implements."""
+    from .errors import PluginError
+    from .plugins import discover_plugins, import_plugin, new_plugin_manager, plugin_hooks, register_plugin
+
+    rows = []
+    for name, info in discover_plugins().items():
+        row: dict[str, Any] = {
+            "name": name,
+            "version": info.version,
+            "source": info.source,
+            "module": info.module,
+        }
+        try:
+            pm = new_plugin_manager()
+            module = import_plugin(info)
+            register_plugin(pm, module, name)
+            row["hooks"] = plugin_hooks(pm, module)
+            doc = (getattr(module, "__doc__", None) or "").strip().splitlines()
+            row["description"] = doc[0] if doc else ""
+        except PluginError as exc:
+            row["hooks"], row["error"] = [], exc.one_line()
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("No plugins installed.")
+        return
+    for row in rows:
+        click.echo(f"{row['name']} {row['version']} ({row['source']})")
+        if row.get("description"):
+            click.echo(f"    {row['description']}")
+        if row.get("error"):
+            click.echo(f"    error: {row['error']}")
+        else:
+            click.echo(f"    hooks: {', '.join(row['hooks']) or 'none'}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lmflow data
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.group("data")
+def data_group() -> None:
+    """Inspect datasets."""
+
+
+@data_group.command("check")
+@click.argument("path", type=click.Path())
+@click.option("--model", help="Model whose tokenizer counts the tokens (default: the bundled demo's).")
+@click.option("--tokenizer", help="Tokenizer to count tokens with (default: the model's).")
+@click.option(
+    "--template", help="Template for conversation data (default: the model's stored one, else chatml)."
+)
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=8),
+    default=1024,
+    show_default=True,
+    help="Block size to check against.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@debug_option
+def data_check(
+    path: str, model: str | None, tokenizer: str | None, template: str | None, block_size: int, as_json: bool
+) -> None:
+    """Validate the dataset at PATH and print its statistics.
+
+    Every record is checked (a malformed one is reported with its file and index), then tokenized as a run
+    would: counts, token lengths, trained tokens, and how many examples the block size would truncate.
+    """
+    from .data import load_raw_dataset, tokenize_dataset
+    from .defaults import ensure_pad_token, model_source
+    from .templates import get_template
+    from .train import quiet_libraries, stored_template
+
+    quiet_libraries()
+    config = RunConfig(model=model, tokenizer=tokenizer)
+    source = tokenizer or model_source(config)
+    template_name = template or stored_template(model_source(config)) or "chatml"
+    chosen = get_template(template_name)
+    raw = load_raw_dataset(path, chosen)
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise LmflowError(f"cannot load a tokenizer from '{source}'", "check --model/--tokenizer") from exc
+    ensure_pad_token(tok)
+    _, stats = tokenize_dataset(
+        raw, tok, block_size, chosen if raw.type == "conversation" else None, use_cache=False
+    )
+    info = stats.to_dict()
+    info.pop("cached")
+    info.update(
+        path=path,
+        files=[str(f) for f in raw.files],
+        tokenizer="bundled demo" if model is None and tokenizer is None else source,
+        template=template_name if raw.type == "conversation" else None,
+    )
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"dataset: {path} ({raw.type}, {len(raw.files)} file{'s' if len(raw.files) > 1 else ''})")
+    converted = "".join(f" ({n} converted from {k})" for k, n in stats.converted.items())
+    click.echo(f"records: {stats.records:,}{converted}")
+    what = f"tokenizer {info['tokenizer']}" + (f", template {template_name}" if info["template"] else "")
+    click.echo(
+        f"tokens per example ({what}): min {stats.length_min}, mean {stats.length_mean:.1f}, "
+        f"median {stats.length_median:g}, p95 {stats.length_p95}, max {stats.length_max}"
+    )
+    share = stats.trained_tokens / stats.tokens if stats.tokens else 0.0
+    click.echo(f"trained tokens: {stats.trained_tokens:,} of {stats.tokens:,} ({share:.1%})")
+    if raw.type == "text_only":
+        click.echo(f"block size {block_size}: texts are concatenated and cut into {stats.examples:,} blocks")
+    else:
+        click.echo(
+            f"block size {block_size}: {stats.truncated:,} examples would be truncated, "
+            f"{stats.dropped_untrained:,} would have no trained token left"
+        )
+    click.echo("OK: every record is valid")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lmflow templates
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.group("templates")
+def templates_group() -> None:
+    """List, show and render conversation templates."""
+
+
+@templates_group.command("list")
+@debug_option
+def templates_list() -> None:
+    """List the available templates."""
+    from .templates import available_templates
+
+    for name, template in available_templates().items():
+        click.echo(f"{name:<16} {template.description}")
+
+
+EXAMPLE = [
+    {"role": "user", "content": "What is 2 plus 2?"},
+    {"role": "assistant", "content": "2 plus 2 is 4."},
+    {"role": "user", "content": "And 3 plus 3?"},
+    {"role": "assistant", "content": "3 plus 3 is 6."},
+]
+
+
+@templates_group.command("show")
+@click.argument("name")
+@click.option(
+    "--system",
+    default="You are a helpful assistant.",
+    show_default=True,
+    help="System prompt of the example.",
+)
+@debug_option
+def templates_show(name: str, system: str) -> None:
+    """Render an example conversation with template NAME; trained text is shown in [[double brackets]]."""
+    from .templates import Conversation, get_template
+
+    template = get_template(name)
+    conversation = Conversation.from_messages(
+        EXAMPLE, system if getattr(template, "system", "") is not None else None
+    )
+    segments = template.render(conversation, False, None)
+    click.echo("".join(f"[[{s.text}]]" if s.trained else s.text for s in segments))
+
+
+@templates_group.command("render")
+@click.argument("name")
+@click.option(
+    "--messages",
+    "messages_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="JSON list of {role, content}.",
+)
+@click.option(
+    "--add-generation-prompt", is_flag=True, help="End with the header of the assistant's next turn."
+)
+@debug_option
+def templates_render(name: str, messages_file: str, add_generation_prompt: bool) -> None:
+    """Write exactly the text template NAME renders for a conversation, and nothing else."""
+    from .templates import Conversation, get_template, render_text
+
+    template = get_template(name)
+    try:
+        with open(messages_file, encoding="utf-8") as handle:
+            messages = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise LmflowError(
+            f"cannot read messages from {messages_file}: {exc}", "pass a JSON list of {role, content}"
+        ) from exc
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
+        raise LmflowError(f'{messages_file} must hold a JSON list of {{"role", "content"}} objects')
+    segments = template.render(Conversation.from_messages(messages), add_generation_prompt, None)
+    sys.stdout.write(render_text(segments))
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _register_plugin_commands() -> None:
+    from .plugins import load_catalog
+
+    pm, _broken = load_catalog()
+    pm.hook.register_commands(cli=cli)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register_plugin_commands()
+    cli(prog_name="lmflow")
+
+
+if __name__ == "__main__":
+    main()

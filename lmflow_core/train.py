@@ -1,0 +1,743 @@
+"""The runner: configure -> check -> tokenizer -> data -> model -> Trainer -> save -> evaluate.
+
+Every hook call of a run is in :func:`run`, in the order it happens. Everything a user can get wrong is checked
+before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
+
+from . import __version__
+from .config import RunConfig, build_config, core_fields, load_config_file, resolve_plugin_options
+from .errors import ConfigError, LmflowError
+from .plugins import RunPlugins, call_each, fold, select_plugins
+from .report import Reporter, format_duration
+
+RUN_RECORD = "lmflow_run.json"
+RUN_CONFIG = "run_config.yaml"
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass
+class StepContext:
+    """What the ``on_step`` hook receives after each optimizer step.
+
+    ``loss`` is this process's training loss of the step just taken (averaged over its gradient-accumulation
+    micro-batches); it is read from the device only when a plugin asks for it.
+    """
+
+    global_step: int
+    max_steps: int
+    epoch: float
+    model: Any
+    optimizer: Any
+    lr_scheduler: Any
+    output_dir: str
+    is_main_process: bool
+    loss_tensor: Any = None
+
+    @property
+    def loss(self) -> float | None:
+        return None if self.loss_tensor is None else float(self.loss_tensor)
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns (and records in ``lmflow_run.json``)."""
+
+    output_dir: str
+    global_step: int
+    epochs: float
+    losses: list[tuple[int, float]]
+    train_seconds: float
+    tokens_seen: int
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[tuple[str, str]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "epochs": self.epochs,
+            "losses": self.losses,
+            "train_seconds": round(self.train_seconds, 3),
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "eval": self.eval_metrics,
+            "samples": [{"prompt": p, "reply": r} for p, r in self.samples],
+            "data": self.data,
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------
+
+
+def configure(
+    config: RunConfig | dict[str, Any] | str | os.PathLike | None = None,
+    *,
+    config_file: str | os.PathLike | None = None,
+    extra_plugins: Any = (),
+    **settings: Any,
+) -> tuple[RunConfig, RunPlugins]:
+    """Resolve the run configuration and select its plugins, reporting every problem at once.
+
+    Args:
+        config: a :class:`RunConfig`, a dict of settings, or a path to a YAML file.
+        config_file: a YAML file applied under ``config``/``settings`` (what ``--config`` does).
+        extra_plugins: plugin objects used without being installed, as ``{name: plugin}`` or
+            ``[(name, plugin), ...]``; they run after the plugins named in ``plugins``.
+        settings: individual settings, highest precedence (what flags do).
+
+    Raises:
+        ConfigError, PluginError: with every problem found.
+    """
+    from .demo import demo_settings
+
+    layers: list[dict[str, Any]] = []
+    if config_file is not None:
+        layers.append(load_config_file(config_file))
+    if isinstance(config, RunConfig):
+        defaults = RunConfig()
+        explicit = {
+            f.name: getattr(config, f.name)
+            for f in core_fields()
+            if getattr(config, f.name) != getattr(defaults, f.name)
+        }
+        layers.append({**explicit, **config.plugin_options})
+    elif isinstance(config, dict):
+        layers.append(dict(config))
+    elif config is not None:
+        layers.append(load_config_file(config))
+    layers.append(settings)
+    given = {k: v for layer in layers for k, v in layer.items()}
+    if given.get("model") is None and given.get("dataset") is None:
+        layers.insert(0, demo_settings())
+    run_config, problems = build_config(*layers)
+    extra = list(extra_plugins.items()) if isinstance(extra_plugins, dict) else list(extra_plugins)
+    run_plugins = select_plugins(run_config.plugins, extra)
+    run_config.plugins = list(run_plugins.names)
+    problems += resolve_plugin_options(run_config, run_plugins.options)
+    if not problems:
+        for found in run_plugins.hook.validate_config(config=run_config):
+            problems.extend(found or [])
+    if problems:
+        raise ConfigError.collect(problems)
+    return run_config, run_plugins
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run(
+    config: RunConfig | dict[str, Any] | str | os.PathLike | None = None,
+    *,
+    extra_plugins: Any = (),
+    reporter: Reporter | None = None,
+    **settings: Any,
+) -> RunResult:
+    """Fine-tune a causal language model.
+
+    ``run()`` with no arguments fine-tunes the bundled demo. Otherwise pass settings as keyword arguments
+    (``run(model="gpt2", dataset="data.json", template="chatml")``), a dict, a YAML path or a
+    :class:`RunConfig`. Installed plugins are named with ``plugins=["lisa"]``; plugin objects that are not
+    installed can be passed directly with ``extra_plugins={"name": module}``.
+    """
+    config, run_plugins = configure(config, extra_plugins=extra_plugins, **settings)
+    return execute(config, run_plugins, reporter)
+
+
+def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | None = None) -> RunResult:
+    """Run a configured fine-tuning (see :func:`run`)."""
+    from .data import load_raw_dataset
+    from .defaults import model_source
+    from .templates import get_template
+
+    report = reporter or Reporter(main=_is_main_process())
+    hook = run_plugins.hook
+    quiet_libraries()
+
+    # 1. Everything a user can get wrong, before any model loads.
+    output_dir = Path(config.output_dir)
+    resume_from = _check_output_dir(config, output_dir)
+    template_name = config.template or stored_template(model_source(config))
+    template = get_template(template_name) if template_name else None
+    train_raw = load_raw_dataset(config.dataset, template, config.max_samples) if config.dataset else None
+    if train_raw is None:
+        raise ConfigError("no training data", "pass --dataset (a .json/.jsonl file or a directory)")
+    eval_raw = (
+        load_raw_dataset(config.eval_dataset, template, config.max_samples) if config.eval_dataset else None
+    )
+    for raw in (train_raw, eval_raw):
+        if raw is not None and raw.type == "conversation" and template is None:
+            raise ConfigError(
+                f"{raw.files[0]} holds conversations, which need a template",
+                "pass --template NAME (see `lmflow templates list`)",
+            )
+    model_config = _load_model_config(config)
+    hook.configure_model(config=config, model_config=model_config)
+    block_size = _block_size(config, model_config)
+
+    report.header(config, run_plugins, model_source(config), template_name, block_size)
+    if resume_from is None and config.resume:
+        report.note(f"no checkpoint in {output_dir} to resume from; starting from the beginning")
+
+    # 2. Tokenizer and data.
+    tokenizer = hook.load_tokenizer(config=config)
+    train_data, eval_data, data_stats = _prepare_data(
+        config, run_plugins, tokenizer, template, block_size, train_raw, eval_raw, report
+    )
+
+    # 3. Model.
+    init_kwargs = _merged_init_kwargs(run_plugins, config)
+    model = hook.load_model(config=config, model_config=model_config, init_kwargs=init_kwargs)
+    model = fold(hook.prepare_model, "model", config=config, model=model, tokenizer=tokenizer)
+    _check_vocabulary(model, train_data, eval_data)
+    report.model(model)
+
+    # 4. Training.
+    _write_run_record(output_dir, config, run_plugins, template_name, status="running")
+    trainer = _build_trainer(config, run_plugins, model, tokenizer, train_data, eval_data, report)
+    started = time.monotonic()
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.monotonic() - started
+
+    # 5. Save, evaluate, record.
+    _save_final(trainer, tokenizer, output_dir)
+    model = trainer.model
+    if trainer.is_world_process_zero():
+        hook.on_train_end(config=config, model=model, tokenizer=tokenizer, output_dir=str(output_dir))
+    eval_metrics = (
+        _evaluate(run_plugins, config, model, tokenizer, eval_data) if eval_data is not None else {}
+    )
+    samples = (
+        _samples(run_plugins, config, model, tokenizer, template)
+        if config.sample_prompts and template
+        else []
+    )
+    state = trainer.state
+    result = RunResult(
+        output_dir=str(output_dir),
+        global_step=state.global_step,
+        epochs=round(state.epoch or 0.0, 3),
+        losses=[(h["step"], h["loss"]) for h in state.log_history if "loss" in h],
+        train_seconds=float(train_output.metrics.get("train_runtime", train_seconds)),
+        tokens_seen=int(state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)),
+        eval_metrics=eval_metrics,
+        samples=samples,
+        data=data_stats,
+    )
+    if trainer.is_world_process_zero():
+        _write_run_record(output_dir, config, run_plugins, template_name, status="completed", result=result)
+    report.summary(result)
+    return result
+
+
+def quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _check_output_dir(config: RunConfig, output_dir: Path) -> Path | None:
+    """Refuse to clobber an earlier run; find the checkpoint to resume from. Returns it, or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if config.resume and config.resume != "latest":
+        checkpoint = Path(config.resume)
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise ConfigError(
+                f"{checkpoint} is not a checkpoint (no trainer_state.json)",
+                "pass --resume alone for the latest checkpoint in --output-dir, or a checkpoint-N directory",
+            )
+        return checkpoint
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir {output_dir} is a file", "choose a directory")
+    if not output_dir.is_dir() or not any(output_dir.iterdir()):
+        return None
+    ours = (output_dir / RUN_RECORD).is_file() or any(output_dir.glob("checkpoint-*"))
+    if config.resume == "latest":
+        _remove_staging(output_dir)
+        last = get_last_checkpoint(str(output_dir))
+        return Path(last) if last else None
+    if not ours:
+        raise ConfigError(
+            f"--output-dir {output_dir} is not empty and does not hold an lmflow run",
+            "choose a new or empty directory",
+        )
+    if config.overwrite:
+        if _is_main_process():
+            shutil.rmtree(output_dir)
+        return None
+    status = _read_json(output_dir / RUN_RECORD).get("status", "unfinished")
+    what = "a completed run" if status == "completed" else "an unfinished run"
+    raise ConfigError(
+        f"--output-dir {output_dir} already holds {what}",
+        "pass --resume to continue it, --overwrite to replace it, or choose another --output-dir",
+    )
+
+
+def _remove_staging(directory: Path) -> None:
+    """Delete half-written checkpoints left by a killed run."""
+    if _is_main_process():
+        for staging in directory.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def stored_template(source: str) -> str | None:
+    """The template recorded with a model that lmflow trained, if any."""
+    return _read_json(Path(source) / RUN_RECORD).get("template")
+
+
+def _load_model_config(config: RunConfig) -> Any:
+    from transformers import AutoConfig
+
+    from .defaults import model_source
+
+    source = model_source(config)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        local = Path(source).expanduser()
+        if local.exists():
+            problem = f"model directory {source} has no usable config.json ({str(exc).splitlines()[0]})"
+        elif source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1):
+            problem = f"model {source} does not exist"
+        else:
+            problem = f"model '{source}' is not a local directory and could not be fetched from the hub"
+        raise LmflowError(
+            problem, "check --model (a local model directory or a Hugging Face model id)"
+        ) from exc
+
+
+def _block_size(config: RunConfig, model_config: Any) -> int:
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(
+        model_config, "n_positions", None
+    )
+    if config.block_size is None:
+        return min(context or 1024, 1024)
+    if context is not None and config.block_size > context:
+        raise ConfigError(
+            f"--block-size {config.block_size} exceeds the model's context of {context} tokens",
+            f"use --block-size {context} or less, or extend the context with a RoPE scaling plugin",
+        )
+    return config.block_size
+
+
+def _prepare_data(
+    config: RunConfig,
+    run_plugins: RunPlugins,
+    tokenizer: Any,
+    template: Any,
+    block_size: int,
+    train_raw: Any,
+    eval_raw: Any,
+    report: Reporter,
+) -> tuple[Any, Any, dict[str, Any]]:
+    from .data import tokenize_dataset
+
+    hook = run_plugins.hook
+    formatters = [i.plugin_name for i in hook.format_conversation.get_hookimpls()]
+
+    def render(template: Any, conversation: Any) -> Any:
+        return hook.format_conversation(
+            template=template, conversation=conversation, add_generation_prompt=False, tokenizer=tokenizer
+        )
+
+    prepared, stats = {}, {}
+    for split, raw in (("train", train_raw), ("eval", eval_raw)):
+        if raw is None:
+            continue
+        data, split_stats = tokenize_dataset(
+            raw,
+            tokenizer,
+            block_size,
+            template,
+            render,
+            config.group_texts,
+            cache_extra=",".join(
+                f"{n}={run_plugins.infos[n].version if n in run_plugins.infos else ''}" for n in formatters
+            ),
+        )
+        report.data(split, raw, split_stats)
+        data = fold(
+            hook.prepare_dataset, "dataset", config=config, dataset=data, tokenizer=tokenizer, split=split
+        )
+        if len(data) == 0:
+            raise LmflowError(
+                f"the {split} dataset has no example left to train on", "check the data and --block-size"
+            )
+        prepared[split], stats[split] = data, split_stats.to_dict()
+    return prepared["train"], prepared.get("eval"), stats
+
+
+def _merged_init_kwargs(run_plugins: RunPlugins, config: RunConfig) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for plugin, kwargs in call_each(run_plugins.hook.model_init_kwargs, config=config):
+        for key, value in (kwargs or {}).items():
+            if key in merged and merged[key] != value:
+                raise LmflowError(
+                    f"plugins '{owner[key]}' and '{plugin}' set the model argument '{key}' differently",
+                    "run with only one of them",
+                )
+            merged[key], owner[key] = value, plugin
+    return merged
+
+
+def _check_vocabulary(model: Any, *datasets: Any) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    for data in datasets:
+        if data is None or "input_ids" not in data.column_names:
+            continue
+        highest = max((max(ids) for ids in data["input_ids"] if ids), default=-1)
+        if highest >= rows:
+            raise LmflowError(
+                f"the data has token id {highest} but the model's embeddings have only {rows} rows",
+                "use the model's own tokenizer, or resize the embeddings (vocabulary extension plugin)",
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _training_arguments(config: RunConfig, has_eval: bool) -> dict[str, Any]:
+    fields = TrainingArguments.__dataclass_fields__
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    )
+    kwargs = {
+        "output_dir": config.output_dir,
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps or -1,
+        "learning_rate": config.learning_rate,
+        "lr_scheduler_type": config.lr_scheduler,
+        "warmup_steps": config.warmup,
+        "weight_decay": config.weight_decay,
+        "max_grad_norm": config.max_grad_norm,
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.eval_batch_size or config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "bf16": config.bf16,
+        "fp16": config.fp16,
+        # transformers renamed gradient_checkpointing to activation_checkpointing in 5.x; use what it knows.
+        checkpointing: config.gradient_checkpointing,
+        f"{checkpointing}_kwargs": {"use_reentrant": False} if config.gradient_checkpointing else None,
+        "dataloader_pin_memory": _cuda_available(),
+        "logging_steps": config.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps" if config.save_steps else "no",
+        "save_steps": config.save_steps or 500,
+        "save_total_limit": config.save_total_limit,
+        "eval_strategy": "steps" if (config.eval_steps and has_eval) else "no",
+        "eval_steps": config.eval_steps,
+        "report_to": [] if config.report_to == "none" else config.report_to.split(","),
+        "dataloader_num_workers": config.dataloader_workers,
+        "remove_unused_columns": False,
+        "include_num_input_tokens_seen": "non_padding",
+        "disable_tqdm": True,
+        "log_level": "warning",
+    }
+    if config.optimizer:
+        kwargs["optim"] = config.optimizer
+    return kwargs
+
+
+def _build_trainer(
+    config: RunConfig,
+    run_plugins: RunPlugins,
+    model: Any,
+    tokenizer: Any,
+    train_data: Any,
+    eval_data: Any,
+    report: Reporter,
+) -> Any:
+    hook = run_plugins.hook
+    kwargs = _training_arguments(config, eval_data is not None)
+    hook.adjust_training_args(config=config, training_args=kwargs)
+    try:
+        args = TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"invalid training settings: {str(exc).splitlines()[0]}", "check the run options"
+        ) from exc
+    hook_callback = HookCallback(config, run_plugins)
+    callbacks = [hook_callback, report.progress_callback()]
+    for extra in hook.trainer_callbacks(config=config):
+        callbacks.extend(extra or [])
+    trainer = LmflowTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data if config.eval_steps else None,
+        data_collator=hook.data_collator(config=config, tokenizer=tokenizer),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.lmflow_config = config
+    trainer.lmflow_plugins = run_plugins
+    hook_callback.trainer = trainer
+    for noisy in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(noisy)
+    return trainer
+
+
+class LmflowTrainer(Trainer):
+    """``transformers.Trainer`` with the ``wrap_optimizer`` hook and atomic checkpoints."""
+
+    lmflow_config: RunConfig
+    lmflow_plugins: RunPlugins
+    _staging_root: str | None = None
+    lmflow_step_loss: Any = None
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        # The returned losses of one optimizer step's micro-batches add up to that step's loss.
+        loss = super().training_step(*args, **kwargs)
+        self.lmflow_step_loss = loss if self.lmflow_step_loss is None else self.lmflow_step_loss + loss
+        return loss
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        optimizer = super().create_optimizer(model)
+        self.optimizer = fold(
+            self.lmflow_plugins.hook.wrap_optimizer,
+            "optimizer",
+            config=self.lmflow_config,
+            model=self.model,
+            optimizer=optimizer,
+        )
+        return self.optimizer
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # Tied weights (an LM head sharing the embedding matrix) are saved once; their absence is expected.
+        pointers: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            pointers.setdefault(param.data_ptr(), []).append(name)
+        missing = set(load_result.missing_keys)
+        tied = {n for names in pointers.values() if len(names) > 1 and set(names) - missing for n in names}
+        if missing and missing <= tied:
+            load_result = type(load_result)([], list(load_result.unexpected_keys))
+        super()._issue_warnings_after_load(load_result)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # Write into a staging directory, then rename it into place: whenever the process is killed, a
+        # checkpoint-N directory is either complete or absent.
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, f"{STAGING_PREFIX}{name}")
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            _fsync_tree(os.path.join(staging_root, name))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            _fsync_dir(run_dir)
+            rotate_checkpoints(run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class HookCallback(TrainerCallback):
+    """Calls the ``on_step`` hook after every optimizer step."""
+
+    def __init__(self, config: RunConfig, run_plugins: RunPlugins) -> None:
+        self.config = config
+        self.run_plugins = run_plugins
+        self.trainer: LmflowTrainer | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        loss = None
+        if self.trainer is not None:
+            loss, self.trainer.lmflow_step_loss = self.trainer.lmflow_step_loss, None
+        self.run_plugins.hook.on_step(
+            config=self.config,
+            step=StepContext(
+                global_step=state.global_step,
+                max_steps=state.max_steps,
+                epoch=float(state.epoch or 0.0),
+                loss_tensor=loss,
+                model=kwargs.get("model"),
+                optimizer=kwargs.get("optimizer"),
+                lr_scheduler=kwargs.get("lr_scheduler"),
+                output_dir=args.output_dir,
+                is_main_process=state.is_world_process_zero,
+            ),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# After training
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _save_final(trainer: Any, tokenizer: Any, output_dir: Path) -> None:
+    """Save the model and tokenizer: into a staging directory, then each file moved into place."""
+    staging = output_dir / f"{STAGING_PREFIX}final"
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(staging))
+        _fsync_tree(str(staging))
+        for item in staging.iterdir():
+            target = output_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        staging.rmdir()
+        _fsync_dir(str(output_dir))
+    trainer.accelerator.wait_for_everyone()
+
+
+def _evaluate(
+    run_plugins: RunPlugins, config: RunConfig, model: Any, tokenizer: Any, data: Any
+) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    owners: dict[str, str] = {}
+    results = call_each(
+        run_plugins.hook.evaluate, config=config, model=model, tokenizer=tokenizer, dataset=data
+    )
+    for plugin, found in results:
+        for key, value in (found or {}).items():
+            if key in metrics:
+                raise LmflowError(
+                    f"plugins '{owners[key]}' and '{plugin}' both report the metric '{key}'",
+                    "rename the metric in one of them",
+                )
+            metrics[key], owners[key] = float(value), plugin
+    return metrics
+
+
+def _samples(
+    run_plugins: RunPlugins, config: RunConfig, model: Any, tokenizer: Any, template: Any
+) -> list[tuple[str, str]]:
+    from .generate import GenerationOptions, reply
+    from .templates import Conversation, Message
+
+    options = GenerationOptions(max_new_tokens=48, greedy=True)
+    out = []
+    for prompt in config.sample_prompts:
+        conversation = Conversation([Message("user", prompt)])
+        out.append((prompt, reply(run_plugins.hook, model, tokenizer, template, conversation, options)))
+    return out
+
+
+def _write_run_record(
+    output_dir: Path,
+    config: RunConfig,
+    run_plugins: RunPlugins,
+    template: str | None,
+    status: str,
+    result: RunResult | None = None,
+) -> None:
+    """Write ``lmflow_run.json`` (and ``run_config.yaml``) atomically; later commands read the template from it."""
+    if not _is_main_process():
+        return
+    import yaml
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "lmflow_version": __version__,
+        "status": status,
+        "template": template,
+        "plugins": run_plugins.versions(),
+        "config": config.to_dict(),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if result is not None:
+        record["result"] = result.to_dict()
+    _atomic_write(output_dir / RUN_RECORD, json.dumps(record, indent=2, default=_json_default) + "\n")
+    _atomic_write(output_dir / RUN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+__all__ = ["RunResult", "StepContext", "configure", "execute", "format_duration", "run"]
