@@ -1,0 +1,480 @@
+"""Every hook is called when and how its docstring says, on a real (tiny) training run.
+
+The last tests fail when a hook is added without a test here or without a section in README.md.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+
+import pytest
+import torch
+from conftest import REPO
+
+from lmflow_core import PluginOption, hookimpl, run
+from lmflow_core.errors import ConfigError, LmflowError
+from lmflow_core.plugins import CATALOG_HOOKS, hook_names
+from lmflow_core.templates import Segment, TurnTemplate
+
+
+class Recorder:
+    """A plugin implementing every run hook; records calls and changes what it may."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.seen: dict[str, object] = {}
+
+    @hookimpl
+    def declare_options(self):
+        self.calls.append("declare_options")
+        return [PluginOption("factor", float, 2.0, "A test option.", min=1.0)]
+
+    @hookimpl
+    def declare_conflicts(self):
+        self.calls.append("declare_conflicts")
+        return {"nonexistent": "never selected"}
+
+    @hookimpl
+    def validate_config(self, config):
+        self.calls.append("validate_config")
+        self.seen["factor"] = config.options_for("recorder").factor
+        return []
+
+    @hookimpl
+    def load_tokenizer(self, config):
+        self.calls.append("load_tokenizer")
+        return None  # defer to the core
+
+    @hookimpl
+    def configure_model(self, config, model_config):
+        self.calls.append("configure_model")
+        model_config.recorder_marker = "configured"
+
+    @hookimpl
+    def model_init_kwargs(self, config):
+        self.calls.append("model_init_kwargs")
+        return {"attn_implementation": "eager"}
+
+    @hookimpl
+    def load_model(self, config, model_config, init_kwargs):
+        self.calls.append("load_model")
+        self.seen["init_kwargs"] = dict(init_kwargs)
+        return None
+
+    @hookimpl
+    def prepare_model(self, config, model, tokenizer):
+        self.calls.append("prepare_model")
+        self.seen["attn"] = model.config._attn_implementation
+        model.get_input_embeddings().weight.requires_grad_(False)  # freeze embeddings, as a plugin might
+        return None
+
+    @hookimpl
+    def format_conversation(self, template, conversation, add_generation_prompt, tokenizer):
+        self.calls.append("format_conversation")
+        return None
+
+    @hookimpl
+    def prepare_dataset(self, config, dataset, tokenizer, split):
+        self.calls.append(f"prepare_dataset:{split}")
+        return dataset.select(range(min(len(dataset), 8))) if split == "train" else None
+
+    @hookimpl
+    def data_collator(self, config, tokenizer):
+        self.calls.append("data_collator")
+        return None
+
+    @hookimpl
+    def adjust_training_args(self, config, training_args):
+        self.calls.append("adjust_training_args")
+        training_args["weight_decay"] = 0.125
+
+    @hookimpl
+    def trainer_callbacks(self, config):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class Begin(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                recorder.calls.append("callback:on_train_begin")
+                recorder.seen["weight_decay"] = args.weight_decay
+
+        self.calls.append("trainer_callbacks")
+        return [Begin()]
+
+    @hookimpl
+    def wrap_optimizer(self, config, model, optimizer):
+        self.calls.append("wrap_optimizer")
+        self.seen["optimizer_params"] = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        return None
+
+    @hookimpl
+    def on_step(self, config, step):
+        self.calls.append(f"on_step:{step.global_step}")
+        self.seen.setdefault("step_loss", []).append(step.loss)
+        self.seen["lr_scheduler"] = step.lr_scheduler
+
+    @hookimpl
+    def on_train_end(self, config, model, tokenizer, output_dir):
+        self.calls.append("on_train_end")
+        (__import__("pathlib").Path(output_dir) / "recorder.txt").write_text("done")
+
+    @hookimpl
+    def evaluate(self, config, model, tokenizer, dataset):
+        self.calls.append("evaluate")
+        return {"recorder_examples": len(dataset)}
+
+    @hookimpl
+    def decode(self, model, tokenizer, input_ids, options, streamer):
+        self.calls.append("decode")
+        return None
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tiny_llama, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hooks")
+    from conftest import conversations, write_json
+
+    data = write_json(tmp / "chat.json", {"type": "conversation", "instances": conversations(16)})
+    recorder = Recorder()
+    result = run(
+        model=str(tiny_llama),
+        dataset=str(data),
+        eval_dataset=str(data),
+        template="chatml",
+        output_dir=str(tmp / "out"),
+        max_steps=3,
+        batch_size=4,
+        logging_steps=1,
+        save_steps=None,
+        sample_prompts=["What is 2 plus 1?"],
+        extra_plugins={"recorder": recorder},
+        recorder={"factor": 3},
+    )
+    return recorder, result, tmp / "out"
+
+
+def test_hook_declare_options_values_reach_the_plugin(recorded_run):
+    recorder, _, _ = recorded_run
+    assert recorder.seen["factor"] == 3.0  # given as int 3, coerced to the declared float
+
+
+def test_hook_declare_conflicts_with_an_unselected_plugin_is_harmless(recorded_run):
+    assert "declare_conflicts" in recorded_run[0].calls
+
+
+def test_hook_validate_config_problems_from_all_plugins_are_reported_together(
+    tiny_llama, chat_data, tmp_path
+):
+    one = types.SimpleNamespace(validate_config=hookimpl(lambda config: ["first problem"]))
+    two = types.SimpleNamespace(validate_config=hookimpl(lambda config: ["second problem"]))
+    with pytest.raises(ConfigError, match=r"2 problems .*\(1\) first problem; \(2\) second problem"):
+        run(
+            model=str(tiny_llama),
+            dataset=str(chat_data),
+            template="chatml",
+            output_dir=str(tmp_path / "o"),
+            extra_plugins={"one": one, "two": two},
+        )
+    assert not (tmp_path / "o").exists()
+
+
+def test_hook_load_tokenizer_first_result_wins(tiny_llama, chat_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    loaded = []
+
+    def load_tokenizer(config):
+        tok = AutoTokenizer.from_pretrained(config.model)
+        loaded.append(tok)
+        return tok
+
+    plugin = types.SimpleNamespace(load_tokenizer=hookimpl(load_tokenizer))
+    run(
+        model=str(tiny_llama),
+        dataset=str(chat_data),
+        template="chatml",
+        output_dir=str(tmp_path / "o"),
+        max_steps=1,
+        save_steps=None,
+        extra_plugins={"tok": plugin},
+    )
+    assert len(loaded) == 1
+
+
+def test_hook_configure_model_changes_are_saved_with_the_model(recorded_run):
+    import json
+
+    _, _, out = recorded_run
+    assert json.loads((out / "config.json").read_text())["recorder_marker"] == "configured"
+
+
+def test_hook_model_init_kwargs_reach_load_model(recorded_run):
+    recorder = recorded_run[0]
+    assert recorder.seen["init_kwargs"] == {"attn_implementation": "eager"}
+    assert recorder.seen["attn"] == "eager"
+
+
+def test_hook_model_init_kwargs_conflicting_values_fail(tiny_llama, chat_data, tmp_path):
+    a = types.SimpleNamespace(model_init_kwargs=hookimpl(lambda config: {"attn_implementation": "eager"}))
+    b = types.SimpleNamespace(model_init_kwargs=hookimpl(lambda config: {"attn_implementation": "sdpa"}))
+    with pytest.raises(
+        LmflowError, match="plugins 'a' and 'b' set the model argument 'attn_implementation' differently"
+    ):
+        run(
+            model=str(tiny_llama),
+            dataset=str(chat_data),
+            template="chatml",
+            output_dir=str(tmp_path / "o"),
+            extra_plugins={"a": a, "b": b},
+        )
+
+
+def test_hook_load_model_replaces_the_default(tiny_llama, chat_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    def load_model(config, init_kwargs):
+        model = AutoModelForCausalLM.from_pretrained(config.model, **init_kwargs)
+        model.loaded_by_plugin = True
+        return model
+
+    def prepare_model(model):
+        assert model.loaded_by_plugin
+
+    plugin = types.SimpleNamespace(load_model=hookimpl(load_model), prepare_model=hookimpl(prepare_model))
+    run(
+        model=str(tiny_llama),
+        dataset=str(chat_data),
+        template="chatml",
+        output_dir=str(tmp_path / "o"),
+        max_steps=1,
+        save_steps=None,
+        extra_plugins={"loader": plugin},
+    )
+
+
+def test_hook_prepare_model_frozen_parameters_stay_frozen(recorded_run, tiny_llama):
+    from safetensors.torch import load_file
+
+    _, _, out = recorded_run
+    before = load_file(str(tiny_llama / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert not torch.equal(
+        before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_hook_format_conversation_override_changes_the_training_text(tiny_llama, tmp_path):
+    from conftest import conversations, write_json
+
+    data = write_json(tmp_path / "c.json", {"type": "conversation", "instances": conversations(4)})
+    rendered = []
+
+    def format_conversation(conversation, add_generation_prompt):
+        text = " / ".join(m.content for m in conversation.messages)
+        rendered.append(text)
+        return [Segment("Q: "), Segment(text, trained=True)]
+
+    plugin = types.SimpleNamespace(format_conversation=hookimpl(format_conversation))
+    result = run(
+        model=str(tiny_llama),
+        dataset=str(data),
+        template="chatml",
+        output_dir=str(tmp_path / "o"),
+        max_steps=1,
+        save_steps=None,
+        extra_plugins={"fmt": plugin},
+    )
+    assert rendered[0] == "What is 0 plus 1? / 0 plus 1 is 1."
+    assert result.data["train"]["trained_tokens"] < result.data["train"]["tokens"]
+
+
+def test_hook_prepare_dataset_runs_for_each_split(recorded_run):
+    recorder, result, _ = recorded_run
+    assert "prepare_dataset:train" in recorder.calls and "prepare_dataset:eval" in recorder.calls
+
+
+def test_hook_data_collator_replaces_the_default(tiny_llama, chat_data, tmp_path):
+    from transformers import DataCollatorForSeq2Seq
+
+    batches = []
+
+    def data_collator(tokenizer):
+        base = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=40)
+
+        def collate(features):
+            batch = base(features)
+            batches.append(batch["input_ids"].shape)
+            return batch
+
+        return collate
+
+    plugin = types.SimpleNamespace(data_collator=hookimpl(data_collator))
+    run(
+        model=str(tiny_llama),
+        dataset=str(chat_data),
+        template="chatml",
+        output_dir=str(tmp_path / "o"),
+        max_steps=2,
+        batch_size=2,
+        save_steps=None,
+        extra_plugins={"coll": plugin},
+    )
+    assert batches and all(shape == (2, 40) for shape in batches)
+
+
+def test_hook_adjust_training_args_reaches_the_trainer(recorded_run):
+    assert recorded_run[0].seen["weight_decay"] == 0.125
+
+
+def test_hook_trainer_callbacks_are_attached(recorded_run):
+    assert "callback:on_train_begin" in recorded_run[0].calls
+
+
+def test_hook_wrap_optimizer_sees_only_trainable_parameters(recorded_run, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings().weight.numel()
+    assert recorded_run[0].seen["optimizer_params"] == total - embeddings
+
+
+def test_hook_wrap_optimizer_replacement_is_used(tiny_llama, chat_data, tmp_path):
+    steps = []
+
+    class Counting(torch.optim.SGD):
+        def step(self, closure=None):
+            steps.append(1)
+            return super().step(closure)
+
+    def wrap_optimizer(model, optimizer):
+        return Counting([p for p in model.parameters() if p.requires_grad], lr=0.01)
+
+    plugin = types.SimpleNamespace(wrap_optimizer=hookimpl(wrap_optimizer))
+    run(
+        model=str(tiny_llama),
+        dataset=str(chat_data),
+        template="chatml",
+        output_dir=str(tmp_path / "o"),
+        max_steps=3,
+        save_steps=None,
+        extra_plugins={"opt": plugin},
+    )
+    assert len(steps) == 3
+
+
+def test_hook_on_step_runs_after_every_optimizer_step_with_the_loss(recorded_run):
+    recorder, result, _ = recorded_run
+    assert [c for c in recorder.calls if c.startswith("on_step")] == ["on_step:1", "on_step:2", "on_step:3"]
+    assert recorder.seen["lr_scheduler"] is not None
+    # the loss the hook sees after step 2 is the loss the trainer logs for step 2.
+    assert recorder.seen["step_loss"][1] == pytest.approx(dict(result.losses)[2])
+
+
+def test_hook_on_train_end_runs_after_the_final_save(recorded_run):
+    recorder, _, out = recorded_run
+    assert (out / "recorder.txt").read_text() == "done"
+    assert recorder.calls.index("on_train_end") > recorder.calls.index("on_step:3")
+
+
+def test_hook_evaluate_results_are_merged_with_the_core_metrics(recorded_run):
+    _, result, _ = recorded_run
+    assert result.eval_metrics["recorder_examples"] == 16
+    assert {"nll_per_sample", "nll_per_token", "perplexity"} <= set(result.eval_metrics)
+
+
+def test_hook_decode_is_used_for_samples(recorded_run):
+    recorder, result, _ = recorded_run
+    assert "decode" in recorder.calls and len(result.samples) == 1
+
+
+def test_hook_register_templates_adds_a_template_usable_by_name(monkeypatch):
+    from lmflow_core import plugins as plugins_module
+    from lmflow_core.templates import available_templates, get_template
+
+    extra = TurnTemplate(name="bracket", user="[{content}]", assistant_end="!")
+    module = types.SimpleNamespace(register_templates=hookimpl(lambda: [extra]))
+    real = plugins_module.load_catalog
+
+    def catalog():
+        pm, broken = real()
+        pm.register(module, name="bracket_plugin")
+        return pm, broken
+
+    monkeypatch.setattr(plugins_module, "load_catalog", catalog)
+    assert "bracket" in available_templates() and "chatml" in available_templates()
+    assert get_template("bracket") is extra
+
+
+def test_hook_register_commands_adds_a_cli_command(monkeypatch):
+    import click
+    from click.testing import CliRunner
+
+    from lmflow_core import cli as cli_module
+    from lmflow_core import plugins as plugins_module
+
+    def register_commands(cli):
+        @cli.command("hello-test")
+        def hello():
+            click.echo("hello from a plugin")
+
+    module = types.SimpleNamespace(register_commands=hookimpl(register_commands))
+    real = plugins_module.load_catalog
+
+    def catalog():
+        pm, broken = real()
+        pm.register(module, name="hello_plugin")
+        return pm, broken
+
+    monkeypatch.setattr(plugins_module, "load_catalog", catalog)
+    cli_module._register_plugin_commands()
+    try:
+        result = CliRunner().invoke(cli_module.cli, ["hello-test"])
+        assert result.output == "hello from a plugin\n"
+    finally:
+        cli_module.cli.commands.pop("hello-test", None)
+
+
+def test_run_hooks_are_called_in_phase_order(recorded_run):
+    calls = recorded_run[0].calls
+    order = [
+        "declare_conflicts",
+        "declare_options",
+        "validate_config",
+        "configure_model",
+        "load_tokenizer",
+        "format_conversation",
+        "prepare_dataset:train",
+        "model_init_kwargs",
+        "load_model",
+        "prepare_model",
+        "adjust_training_args",
+        "trainer_callbacks",
+        "data_collator",
+        "wrap_optimizer",
+        "on_step:1",
+        "on_train_end",
+        "evaluate",
+        "decode",
+    ]
+    positions = [calls.index(name) for name in order]
+    assert positions == sorted(positions), calls
+
+
+def test_every_hook_has_a_test_in_this_file():
+    source = (REPO / "tests" / "test_hooks.py").read_text()
+    missing = [name for name in hook_names() if f"def test_hook_{name}" not in source]
+    assert not missing, f"hooks without a test_hook_<name> test: {missing}"
+
+
+def test_every_hook_has_a_readme_section():
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in hook_names() if not re.search(rf"^#### `{name}\(", readme, re.M)]
+    assert not missing, f"hooks without a README section: {missing}"
+
+
+def test_catalog_hooks_are_the_ones_called_on_every_installed_plugin():
+    assert CATALOG_HOOKS == {"register_templates", "register_commands"}
