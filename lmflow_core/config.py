@@ -133,9 +133,9 @@ class RunConfig:
     logging_steps: int = opt(10, "Log the loss every N optimizer steps.", "Checkpoints and logging", min=1)
     save_steps: int | None = opt(
         500,
-        "Write a checkpoint every N steps (omit for none: only the final model).",
+        "Write a checkpoint every N steps, and at the end; 0 for none (only the final model).",
         "Checkpoints and logging",
-        min=1,
+        min=0,
     )
     save_total_limit: int | None = opt(
         3, "Keep at most N checkpoints (oldest deleted first).", "Checkpoints and logging", min=1

@@ -322,6 +322,33 @@ def on_step(config: RunConfig, step: StepContext) -> None:
 
 
 @hookspec
+def on_checkpoint_save(config: RunConfig, checkpoint_dir: str, is_main_process: bool) -> None:
+    """Add this plugin's state to a checkpoint being written (e.g. which layers are active, RNG states).
+
+    When: on every process, after the trainer has written the model, optimizer and trainer state of a
+    checkpoint and before the checkpoint is moved into place. ``checkpoint_dir`` is still a staging directory:
+    files written there become part of the checkpoint atomically, so a killed run never sees half of them.
+
+    Args:
+        checkpoint_dir: where to write; write from the main process unless the state differs per process.
+        is_main_process: whether this process writes the shared files.
+
+    Combine: all; return values are ignored.
+    """
+
+
+@hookspec
+def on_checkpoint_load(config: RunConfig, checkpoint_dir: str) -> None:
+    """Restore this plugin's state from the checkpoint a run resumes from.
+
+    When: on every process, once, when ``--resume`` continues from ``checkpoint_dir``: after the model is
+    prepared and the trainer built, before training (and the optimizer) starts.
+
+    Combine: all; return values are ignored.
+    """
+
+
+@hookspec
 def on_train_end(
     config: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str
 ) -> None:

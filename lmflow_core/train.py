@@ -197,6 +197,10 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     block_size = _block_size(config, model_config)
 
     report.header(config, run_plugins, model_source(config), template_name, block_size)
+    if config.template and train_raw.type != "conversation":
+        report.note(
+            f"--template {config.template} is not used: {train_raw.type} data is not rendered by a template"
+        )
     if resume_from is None and config.resume:
         report.note(f"no checkpoint in {output_dir} to resume from; starting from the beginning")
 
@@ -216,6 +220,8 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     # 4. Training.
     _write_run_record(output_dir, config, run_plugins, template_name, status="running")
     trainer = _build_trainer(config, run_plugins, model, tokenizer, train_data, eval_data, report)
+    if resume_from is not None:
+        hook.on_checkpoint_load(config=config, checkpoint_dir=str(resume_from))
     started = time.monotonic()
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.monotonic() - started
@@ -285,6 +291,11 @@ def _check_output_dir(config: RunConfig, output_dir: Path) -> Path | None:
     if config.resume == "latest":
         _remove_staging(output_dir)
         last = get_last_checkpoint(str(output_dir))
+        if last is None and _read_json(output_dir / RUN_RECORD).get("status") == "completed":
+            raise ConfigError(
+                f"--resume: the completed run in {output_dir} saved no checkpoint to continue from",
+                "use --overwrite to train it again, or choose another --output-dir",
+            )
         return Path(last) if last else None
     if not ours:
         raise ConfigError(
@@ -575,6 +586,11 @@ class LmflowTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging_root = None
+        self.lmflow_plugins.hook.on_checkpoint_save(
+            config=self.lmflow_config,
+            checkpoint_dir=os.path.join(staging_root, name),
+            is_main_process=self.args.should_save,
+        )
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)

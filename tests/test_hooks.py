@@ -5,8 +5,10 @@ The last tests fail when a hook is added without a test here or without a sectio
 
 from __future__ import annotations
 
+import json
 import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -372,6 +374,61 @@ def test_hook_on_step_runs_after_every_optimizer_step_with_the_loss(recorded_run
     assert recorder.seen["lr_scheduler"] is not None
     # the loss the hook sees after step 2 is the loss the trainer logs for step 2.
     assert recorder.seen["step_loss"][1] == pytest.approx(dict(result.losses)[2])
+
+
+def _stateful_runs(tiny_llama, chat_data, tmp_path):
+    """Train 4 steps saving every 2 with a stateful plugin, then resume to 6 with a fresh instance."""
+
+    class Stateful:
+        def __init__(self):
+            self.steps_seen = 0
+            self.loaded = None
+            self.saved_in = []
+
+        @hookimpl
+        def on_step(self, step):
+            self.steps_seen += 1
+
+        @hookimpl
+        def on_checkpoint_save(self, checkpoint_dir, is_main_process):
+            self.saved_in.append(Path(checkpoint_dir))
+            # the checkpoint is still in staging while plugins write to it
+            assert Path(checkpoint_dir).parent.name.startswith(".staging-")
+            assert (Path(checkpoint_dir) / "trainer_state.json").is_file()
+            if is_main_process:
+                (Path(checkpoint_dir) / "stateful.json").write_text(json.dumps({"steps": self.steps_seen}))
+
+        @hookimpl
+        def on_checkpoint_load(self, checkpoint_dir):
+            self.loaded = json.loads((Path(checkpoint_dir) / "stateful.json").read_text())
+
+    out = tmp_path / "out"
+    settings = dict(
+        model=str(tiny_llama),
+        dataset=str(chat_data),
+        template="chatml",
+        output_dir=str(out),
+        save_steps=2,
+        batch_size=4,
+    )
+    first = Stateful()
+    run(max_steps=4, extra_plugins={"stateful": first}, **settings)
+    second = Stateful()
+    run(max_steps=6, resume="latest", extra_plugins={"stateful": second}, **settings)
+    return first, second, out
+
+
+def test_hook_on_checkpoint_save_writes_into_the_staged_checkpoint(tiny_llama, chat_data, tmp_path):
+    first, second, out = _stateful_runs(tiny_llama, chat_data, tmp_path)
+    assert [p.name for p in first.saved_in] == ["checkpoint-2", "checkpoint-4"]
+    assert json.loads((out / "checkpoint-4" / "stateful.json").read_text()) == {"steps": 4}
+    assert json.loads((out / "checkpoint-6" / "stateful.json").read_text()) == {"steps": 2}
+
+
+def test_hook_on_checkpoint_load_restores_state_on_resume(tiny_llama, chat_data, tmp_path):
+    first, second, _ = _stateful_runs(tiny_llama, chat_data, tmp_path)
+    assert first.loaded is None
+    assert second.loaded == {"steps": 4}
 
 
 def test_hook_on_train_end_runs_after_the_final_save(recorded_run):

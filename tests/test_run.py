@@ -336,3 +336,32 @@ def test_every_run_option_is_documented_in_readme():
     flags = [flag.rstrip("s") if flag == "--sample-prompts" else flag for flag in flags]
     missing = [flag for flag in flags if f"| `{flag}" not in readme and f"/ `{flag}" not in readme]
     assert not missing, f"run options missing from README's options table: {missing}"
+
+
+def test_resume_of_a_completed_run_without_checkpoints_is_refused(runner, fast_run_args, tmp_path):
+    args = [*fast_run_args, "--save-steps", "0"]  # the last --save-steps wins
+    assert invoke(runner, *args).exit_code == 0
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert_clean_failure(invoke(runner, *args, "--resume"), 2, "saved no checkpoint to continue from")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+
+
+def test_a_template_given_for_text_data_is_reported_unused(runner, tiny_llama, text_data, tmp_path):
+    result = invoke(
+        runner,
+        "run",
+        "--model",
+        tiny_llama,
+        "--dataset",
+        text_data,
+        "--template",
+        "chatml",
+        "--output-dir",
+        tmp_path / "o",
+        "--max-steps",
+        "1",
+        "--block-size",
+        "32",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "note: --template chatml is not used: text_only data" in result.output
