@@ -41,11 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=25)
     p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "core.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="Where to write the JSON results (default: bench/results/core-<device>.json).",
+    )
     p.add_argument("--memory-repeats", type=int, default=2)
     p.add_argument("--child", choices=["plain", "lmflow", "speed"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -325,10 +329,11 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], memory: dict[s
         median = {
             side: {k: statistics.median(r[k] for r in rows) for k in keys} for side, rows in data.items()
         }
-        ratio = {
-            k: statistics.median(b[k] / max(a[k], 1) for a, b in zip(data["plain"], data["lmflow"]))
-            for k in keys
-        }
+        ratios = {k: [b[k] / max(a[k], 1) for a, b in zip(data["plain"], data["lmflow"])] for k in keys}
+        ratio: dict = {k: statistics.median(v) for k, v in ratios.items()}
+        for k, v in ratios.items():  # the spread of the per-round ratios: how far to trust the median
+            q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0], v[0], v[0]]
+            ratio[f"{k}_iqr"] = (q[0], q[2])
         return median, ratio
 
     median, ratio = summarise(runs, ("tokens_per_s", "tokens_per_s_p10"))
@@ -347,15 +352,17 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], memory: dict[s
         "| | plain Trainer | lmflow run | lmflow / plain |",
         "|---|---:|---:|---:|",
         f"| tokens/s (median step) | {median['plain']['tokens_per_s']:,.0f} | {median['lmflow']['tokens_per_s']:,.0f} | "
-        f"{ratio['tokens_per_s']:.3f} |",
+        f"{ratio['tokens_per_s']:.3f} (IQR {ratio['tokens_per_s_iqr'][0]:.2f}-{ratio['tokens_per_s_iqr'][1]:.2f}) |",
         f"| tokens/s (10th-percentile step) | {median['plain']['tokens_per_s_p10']:,.0f} | "
-        f"{median['lmflow']['tokens_per_s_p10']:,.0f} | {ratio['tokens_per_s_p10']:.3f} |",
+        f"{median['lmflow']['tokens_per_s_p10']:,.0f} | {ratio['tokens_per_s_p10']:.3f} "
+        f"(IQR {ratio['tokens_per_s_p10_iqr'][0]:.2f}-{ratio['tokens_per_s_p10_iqr'][1]:.2f}) |",
         f"| peak training memory (MiB) | {median['plain']['peak_bytes'] / mib:,.1f} | {median['lmflow']['peak_bytes'] / mib:,.1f} | "
         f"{ratio['peak_bytes']:.3f} |",
     ]
     print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
+    out = args.out or HERE / "results" / f"core-{device.lower().replace(' ', '-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "settings": {k: str(v) for k, v in vars(args).items()},

@@ -109,14 +109,17 @@ def _plugin_options(ctx: click.Context, args: list[str]) -> list[click.Option]:
     """Flags of the plugins named on the command line or in the --config file."""
     from .plugins import select_plugins
 
-    names = _scan_values(args, "--plugins")
+    # As for every option, the last --plugins on the command line wins over the config file's plugins.
+    given = _scan_values(args, "--plugins")
     config_files = _scan_values(args, "--config")
-    if config_files:
-        try:
-            names = parse_plugin_names(load_config_file(config_files[-1]).get("plugins")) + names
-        except LmflowError:
-            pass  # reported properly when the command runs
-    names = parse_plugin_names(names)
+    names: list[str] = []
+    try:
+        if given:
+            names = parse_plugin_names(given[-1])
+        elif config_files:
+            names = parse_plugin_names(load_config_file(config_files[-1]).get("plugins"))
+    except LmflowError:
+        return []  # reported properly when the command runs
     if not names:
         return []
     params = []
@@ -153,6 +156,8 @@ class RunCommand(click.Command):
     """``lmflow run``: core flags from :class:`RunConfig`, plus the flags of the selected plugins."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--debug" in args:  # plugins load while arguments are parsed, before click sees --debug
+            ctx.meta[DEBUG_KEY] = True
         ctx.meta[PLUGIN_PARAMS_KEY] = _plugin_options(ctx, args)
         return super().parse_args(ctx, args)
 
@@ -288,7 +293,9 @@ def data_group() -> None:
 
 @data_group.command("check")
 @click.argument("path", type=click.Path())
-@click.option("--model", help="Model whose tokenizer counts the tokens (default: the bundled demo's).")
+@click.option(
+    "--model", help="Model whose tokenizer, context and stored template apply (default: the bundled demo)."
+)
 @click.option("--tokenizer", help="Tokenizer to count tokens with (default: the model's).")
 @click.option(
     "--template", help="Template for conversation data (default: the model's stored one, else chatml)."
@@ -296,47 +303,58 @@ def data_group() -> None:
 @click.option(
     "--block-size",
     type=click.IntRange(min=8),
-    default=1024,
-    show_default=True,
-    help="Block size to check against.",
+    help="Block size to check against (default: what `lmflow run` would use for the model).",
 )
+@click.option("--plugins", help="Plugins whose format_conversation hook should render conversations.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
 @debug_option
 def data_check(
-    path: str, model: str | None, tokenizer: str | None, template: str | None, block_size: int, as_json: bool
+    path: str,
+    model: str | None,
+    tokenizer: str | None,
+    template: str | None,
+    block_size: int | None,
+    plugins: str | None,
+    as_json: bool,
 ) -> None:
     """Validate the dataset at PATH and print its statistics.
 
-    Every record is checked (a malformed one is reported with its file and index), then tokenized as a run
-    would: counts, token lengths, trained tokens, and how many examples the block size would truncate.
+    Every record is checked (a malformed one is reported with its file and index), then tokenized exactly as
+    `lmflow run` would: counts, token lengths, trained tokens, and how many examples the block size truncates.
     """
     from .data import load_raw_dataset, tokenize_dataset
-    from .defaults import ensure_pad_token, model_source
+    from .defaults import model_source
+    from .demo import demo_settings
+    from .plugins import select_plugins
     from .templates import get_template
-    from .train import quiet_libraries, stored_template
+    from .train import _block_size, _load_model_config, quiet_libraries, stored_run
 
     quiet_libraries()
-    config = RunConfig(model=model, tokenizer=tokenizer)
-    source = tokenizer or model_source(config)
-    template_name = template or stored_template(model_source(config)) or "chatml"
+    config = RunConfig(model=model, tokenizer=tokenizer, block_size=block_size)
+    run_plugins = select_plugins(parse_plugin_names(plugins))
+    stored = stored_run(model_source(config))
+    template_name = template or stored.get("template") or "chatml"
     chosen = get_template(template_name)
     raw = load_raw_dataset(path, chosen)
-    from transformers import AutoTokenizer
+    if block_size is None and config.is_demo:
+        config.block_size = demo_settings()["block_size"]
+    blocks = _block_size(config, _load_model_config(config), stored.get("block_size"))
+    tok = run_plugins.hook.load_tokenizer(config=config)
 
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise LmflowError(f"cannot load a tokenizer from '{source}'", "check --model/--tokenizer") from exc
-    ensure_pad_token(tok)
+    def render(template: Any, conversation: Any) -> Any:
+        return run_plugins.hook.format_conversation(
+            template=template, conversation=conversation, add_generation_prompt=False, tokenizer=tok
+        )
+
     _, stats = tokenize_dataset(
-        raw, tok, block_size, chosen if raw.type == "conversation" else None, use_cache=False
+        raw, tok, blocks, chosen if raw.type == "conversation" else None, render, use_cache=False
     )
     info = stats.to_dict()
     info.pop("cached")
     info.update(
         path=path,
         files=[str(f) for f in raw.files],
-        tokenizer="bundled demo" if model is None and tokenizer is None else source,
+        tokenizer="bundled demo" if model is None and tokenizer is None else (tokenizer or model),
         template=template_name if raw.type == "conversation" else None,
     )
     if as_json:
@@ -353,10 +371,10 @@ def data_check(
     share = stats.trained_tokens / stats.tokens if stats.tokens else 0.0
     click.echo(f"trained tokens: {stats.trained_tokens:,} of {stats.tokens:,} ({share:.1%})")
     if raw.type == "text_only":
-        click.echo(f"block size {block_size}: texts are concatenated and cut into {stats.examples:,} blocks")
+        click.echo(f"block size {blocks}: texts are concatenated and cut into {stats.examples:,} blocks")
     else:
         click.echo(
-            f"block size {block_size}: {stats.truncated:,} examples would be truncated, "
+            f"block size {blocks}: {stats.truncated:,} examples would be truncated, "
             f"{stats.dropped_untrained:,} would have no trained token left"
         )
     click.echo("OK: every record is valid")
@@ -448,10 +466,21 @@ def templates_render(name: str, messages_file: str, add_generation_prompt: bool)
 
 
 def _register_plugin_commands() -> None:
-    from .plugins import load_catalog
+    """Let every installed plugin add commands; a plugin that fails is reported and left out."""
+    from .plugins import call_order, load_catalog
 
-    pm, _broken = load_catalog()
-    pm.hook.register_commands(cli=cli)
+    pm, broken = load_catalog()
+    for name, problem in broken.items():
+        click.echo(f"warning: plugin '{name}' is left out: {problem}", err=True)
+    for impl in call_order(pm.hook.register_commands):
+        try:
+            impl.function(cli)
+        except Exception as exc:  # a broken third-party plugin must not break every command
+            click.echo(
+                f"warning: plugin '{impl.plugin_name}' failed to add its commands "
+                f"({type(exc).__name__}: {exc}); they are left out",
+                err=True,
+            )
 
 
 def main() -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, LmflowError
 
 SCHEDULERS = (
     "linear",
@@ -25,8 +26,6 @@ SCHEDULERS = (
     "constant",
     "constant_with_warmup",
     "inverse_sqrt",
-    "cosine_with_min_lr",
-    "warmup_stable_decay",
 )
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -222,6 +221,8 @@ def build_config(*layers: dict[str, Any]) -> tuple[RunConfig, list[str]]:
                     sections.setdefault(plugin, {}).update(opts or {})
             elif isinstance(value, dict):
                 sections.setdefault(key, {}).update(value)
+            elif key in _installed_plugin_names():
+                problems.append(f"the options of plugin '{key}' must be a mapping ({key}: {{option: value}})")
             else:
                 close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
                 guess = f" (did you mean '{close[0]}'?)" if close else ""
@@ -241,6 +242,16 @@ def build_config(*layers: dict[str, Any]) -> tuple[RunConfig, list[str]]:
     return config, problems
 
 
+def _installed_plugin_names() -> set[str]:
+    from .errors import PluginError
+    from .plugins import discover_plugins
+
+    try:
+        return set(discover_plugins())
+    except PluginError:
+        return set()
+
+
 def _check_field(f: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
     name = f"--{f.name.replace('_', '-')}"
     annotation = str(f.type)
@@ -248,12 +259,17 @@ def _check_field(f: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
         if "None" in annotation:
             return None, None
         return value, f"{name} needs a value"
+    if f.name == "resume" and isinstance(value, bool):
+        return ("latest" if value else None), None  # `resume: true` in YAML means the latest checkpoint
     try:
         if annotation.startswith("list"):
             from .plugins import parse_plugin_names
 
             if f.name == "plugins":
-                value = parse_plugin_names(value)
+                try:
+                    value = parse_plugin_names(value)
+                except LmflowError as exc:
+                    return value, exc.message
             elif isinstance(value, str):
                 value = [value]
             elif not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -266,13 +282,18 @@ def _check_field(f: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
             elif not isinstance(value, bool):
                 raise ValueError
         elif annotation.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, bool):
                 raise ValueError
-            value = int(value)
+            number = float(value)  # accepts "1e3", which YAML reads as a string
+            if not number.is_integer():
+                raise ValueError
+            value = int(number)
         elif annotation.startswith("float"):
             if isinstance(value, bool):
                 raise ValueError
             value = float(value)
+            if not math.isfinite(value):
+                return value, f"{name} must be a finite number, got {value!r}"
         elif annotation.startswith("str"):
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
                 raise ValueError

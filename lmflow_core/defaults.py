@@ -82,11 +82,26 @@ def format_conversation(
     return template.render(conversation, add_generation_prompt, tokenizer)
 
 
+MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
+
+
+class PaddingCollator:
+    """Pads ``input_ids`` with the pad token and ``labels`` with -100; other columns are left to plugins."""
+
+    def __init__(self, tokenizer: Any):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.pad = DataCollatorForSeq2Seq(
+            tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"
+        )
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.pad([{k: f[k] for k in MODEL_COLUMNS if k in f} for f in features])
+
+
 @hookimpl(trylast=True)
 def data_collator(config: Any, tokenizer: Any) -> Any:
-    from transformers import DataCollatorForSeq2Seq
-
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    return PaddingCollator(tokenizer)
 
 
 @hookimpl(trylast=True)
@@ -121,16 +136,15 @@ def sample_nll(model: Any, tokenizer: Any, dataset: Any, batch_size: int = 8) ->
     """``(summed NLL, scored tokens)`` of each example, in nats, from one forward pass per batch."""
     import torch
 
-    collate = data_collator(None, tokenizer)
+    collate = PaddingCollator(tokenizer)
     was_training = model.training
     model.eval()
     results: list[tuple[float, int]] = []
-    columns = ["input_ids", "labels", "attention_mask"]
     try:
         with torch.no_grad():
             for start in range(0, len(dataset), batch_size):
                 rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
-                batch = collate([{c: row[c] for c in columns} for row in rows])
+                batch = collate(list(rows))
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]

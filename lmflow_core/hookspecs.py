@@ -135,6 +135,9 @@ def load_tokenizer(config: RunConfig) -> PreTrainedTokenizerBase | None:
     When: after validation, before data is tokenized. The core default loads ``config.tokenizer`` (or the
     model's) with ``AutoTokenizer`` and gives it a pad token if it has none.
 
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
+
     Returns: a tokenizer, or ``None`` to let the next plugin (finally the core) load it.
 
     Combine: first result.
@@ -163,6 +166,9 @@ def model_init_kwargs(config: RunConfig) -> dict[str, Any] | None:
     When: just before ``load_model``. Use it for ``attn_implementation``, ``quantization_config``,
     ``device_map`` and the like.
 
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
+
     Returns: a dict of keyword arguments, or ``None``.
 
     Combine: all; the dicts are merged. Two plugins setting the same key to different values is an error
@@ -180,6 +186,11 @@ def load_model(
     ``AutoModelForCausalLM.from_pretrained`` (or ``from_config`` with a seeded random initialisation when
     ``config.random_init`` is set, as the demo does).
 
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
+        model_config: the transformers ``PretrainedConfig`` the model is built from.
+        init_kwargs: keyword arguments merged from ``model_init_kwargs`` (``dtype`` is set by the core).
+
     Returns: a model, or ``None`` to let the next plugin (finally the core) load it.
 
     Combine: first result.
@@ -194,6 +205,11 @@ def prepare_model(
 
     When: after ``load_model``, before the trainer is built.
 
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
+        model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
+        tokenizer: the run's tokenizer.
+
     Returns: the model to use from now on (e.g. a ``PeftModel``), or ``None`` when the model was changed in
     place.
 
@@ -204,6 +220,27 @@ def prepare_model(
 # --------------------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def normalize_record(record: Any, declared_type: str | None, where: str) -> tuple[str, dict[str, Any]] | None:
+    """Accept a dataset record in a shape the core does not know (e.g. images next to the messages).
+
+    When: for every record of every dataset, before the core's own checks.
+
+    Args:
+        record: the record as read from the file (usually a dict).
+        declared_type: the file's ``"type"`` (LMFlow format), or ``None`` for .jsonl files and JSON lists.
+        where: the file and index of the record, for error messages.
+
+    Returns: ``(type, normalised_record)`` with ``type`` one of ``text_only``, ``text2text``,
+    ``conversation`` and the record holding that type's fields (``{"text"}``, ``{"input", "output"}``,
+    ``{"system", "messages"}``); any other keys are kept as dataset columns next to ``input_ids`` and
+    ``labels`` (for a plugin's collator). ``None`` lets the core handle the record. Raise
+    :class:`lmflow_core.errors.DataError` naming ``where`` for a malformed record.
+
+    Combine: first result.
+    """
 
 
 @hookspec(firstresult=True)
@@ -240,6 +277,12 @@ def prepare_dataset(
     When: after tokenization and truncation, for ``split`` = ``"train"`` and ``"eval"``. Use it for packing,
     filtering by length, or adding columns a custom collator needs.
 
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
+        dataset: a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``, ``attention_mask``).
+        tokenizer: the run's tokenizer.
+        split: ``"train"`` or ``"eval"``.
+
     Returns: the dataset to use from now on, or ``None`` to keep it.
 
     Combine: fold.
@@ -252,6 +295,10 @@ def data_collator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
 
     When: when the trainer is built. The core default pads ``input_ids`` with the pad token and ``labels``
     with -100 (``DataCollatorForSeq2Seq``).
+
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
+        tokenizer: the run's tokenizer.
 
     Returns: a callable, or ``None`` to defer.
 
@@ -273,6 +320,7 @@ def adjust_training_args(config: RunConfig, training_args: dict[str, Any]) -> No
     or FSDP configs, optimizer choice, and similar.
 
     Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
         training_args: the keyword arguments; modify in place.
 
     Combine: all; plugins see each other's changes in call order. Return values are ignored.
@@ -284,6 +332,9 @@ def trainer_callbacks(config: RunConfig) -> list[TrainerCallback] | None:
     """Contribute ``transformers.TrainerCallback`` objects to the trainer.
 
     When: when the trainer is built.
+
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
 
     Returns: a list of callbacks, or ``None``.
 
@@ -300,6 +351,11 @@ def wrap_optimizer(
     When: once, when the trainer creates its optimizer (before the first step, and before a checkpoint's
     optimizer state is loaded on resume).
 
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
+        model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
+        optimizer: the optimizer the trainer created (or the previous plugin's replacement).
+
     Returns: the optimizer to use, or ``None`` to keep it.
 
     Combine: fold.
@@ -313,6 +369,7 @@ def on_step(config: RunConfig, step: StepContext) -> None:
     When: at the end of each optimizer step (after gradient accumulation), on every process.
 
     Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
         step: a :class:`lmflow_core.train.StepContext` with ``global_step``, ``max_steps``, ``epoch``,
             ``loss`` (this process's loss of the step), ``model``, ``optimizer``, ``lr_scheduler``,
             ``output_dir`` and ``is_main_process``.
@@ -330,6 +387,7 @@ def on_checkpoint_save(config: RunConfig, checkpoint_dir: str, is_main_process: 
     files written there become part of the checkpoint atomically, so a killed run never sees half of them.
 
     Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
         checkpoint_dir: where to write; write from the main process unless the state differs per process.
         is_main_process: whether this process writes the shared files.
 
@@ -344,6 +402,10 @@ def on_checkpoint_load(config: RunConfig, checkpoint_dir: str) -> None:
     When: on every process, once, when ``--resume`` continues from ``checkpoint_dir``: after the model is
     prepared and the trainer built, before training (and the optimizer) starts.
 
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
+        checkpoint_dir: the checkpoint being resumed, as written by ``on_checkpoint_save``.
+
     Combine: all; return values are ignored.
     """
 
@@ -356,6 +418,12 @@ def on_train_end(
 
     When: after the final save, before evaluation and the run summary; on the main process only. Use it to
     write extra files next to the model.
+
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
+        model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
+        tokenizer: the run's tokenizer.
+        output_dir: the output directory, holding the saved model and tokenizer.
 
     Combine: all; return values are ignored.
     """
@@ -380,6 +448,8 @@ def decode(
     ``model.generate`` with the options (greedy or sampling, stop strings, end-of-turn tokens).
 
     Args:
+        model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
+        tokenizer: the run's tokenizer.
         input_ids: the prompt, shape ``(1, prompt_length)``.
         options: a :class:`lmflow_core.generate.GenerationOptions`.
         streamer: a transformers streamer receiving tokens as they are produced, or ``None``.
@@ -398,6 +468,12 @@ def evaluate(
 
     When: at the end of a run that has an evaluation dataset. The core default reports the negative
     log-likelihood of the trained tokens (``nll_per_sample``, ``nll_per_token``, ``perplexity``).
+
+    Args:
+        config: the run's :class:`lmflow_core.config.RunConfig`.
+        model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
+        tokenizer: the run's tokenizer.
+        dataset: a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``, ``attention_mask``).
 
     Returns: a dict of metric name to value, or ``None``.
 

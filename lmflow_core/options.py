@@ -10,6 +10,7 @@ and a key in the plugin's section of the YAML run config::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,8 @@ class PluginOption:
             value = _coerce(value, self.type)
         except (TypeError, ValueError):
             return value, f"{where} must be {_TYPES.get(self.type, self.type.__name__)}, got {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return value, f"{where} must be a finite number, got {value!r}"
         if self.choices is not None and value not in self.choices:
             allowed = ", ".join(map(str, self.choices))
             return value, f"{where} must be one of {allowed}, got {value!r}"
@@ -72,9 +75,12 @@ def _coerce(value: Any, kind: type) -> Any:
             return value.lower() in {"true", "yes", "1", "on"}
         raise ValueError(value)
     if kind is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        if isinstance(value, bool):
             raise ValueError(value)
-        return int(value)
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError(value)
+        return int(number)
     if kind is float:
         if isinstance(value, bool):
             raise ValueError(value)

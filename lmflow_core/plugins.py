@@ -28,9 +28,6 @@ ENTRY_POINT_GROUP = "lmflow.plugins"
 DISTRIBUTION = "lmflow"
 TRACE_ENV = "LMFLOW_TRACE_HOOKS"
 CORE_PLUGIN = "core"
-CATALOG_HOOKS = frozenset({"register_templates", "register_commands"})
-# Hooks the core calls per plugin rather than through the combined hook call.
-PER_PLUGIN_HOOKS = frozenset({"declare_options", "declare_conflicts"})
 
 hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
 
@@ -139,7 +136,14 @@ def parse_plugin_names(value: str | Sequence[str] | None) -> list[str]:
     """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``, without blanks or repeats, order kept."""
     if value is None:
         return []
-    items = value.split(",") if isinstance(value, str) else [p for v in value for p in str(v).split(",")]
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = [p for v in value for p in v.split(",")]
+    else:
+        raise PluginError(
+            f'plugins must be given as names ("a,b" or a list of strings), got {value!r}', "fix --plugins"
+        )
     names: list[str] = []
     for item in items:
         item = item.strip()

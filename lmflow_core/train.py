@@ -177,14 +177,22 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
 
     # 1. Everything a user can get wrong, before any model loads.
     output_dir = Path(config.output_dir)
-    resume_from = _check_output_dir(config, output_dir)
-    template_name = config.template or stored_template(model_source(config))
+    plan = plan_output_dir(config, output_dir)
+    resume_from = plan.resume_from
+    stored = stored_run(model_source(config))
+    template_name = config.template or stored.get("template")
     template = get_template(template_name) if template_name else None
-    train_raw = load_raw_dataset(config.dataset, template, config.max_samples) if config.dataset else None
-    if train_raw is None:
+
+    def normalize(record: Any, declared_type: str | None, where: str) -> Any:
+        return hook.normalize_record(record=record, declared_type=declared_type, where=where)
+
+    if not config.dataset:
         raise ConfigError("no training data", "pass --dataset (a .json/.jsonl file or a directory)")
+    train_raw = load_raw_dataset(config.dataset, template, config.max_samples, normalize)
     eval_raw = (
-        load_raw_dataset(config.eval_dataset, template, config.max_samples) if config.eval_dataset else None
+        load_raw_dataset(config.eval_dataset, template, config.max_samples, normalize)
+        if config.eval_dataset
+        else None
     )
     for raw in (train_raw, eval_raw):
         if raw is not None and raw.type == "conversation" and template is None:
@@ -194,15 +202,16 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
             )
     model_config = _load_model_config(config)
     hook.configure_model(config=config, model_config=model_config)
-    block_size = _block_size(config, model_config)
+    block_size = _block_size(config, model_config, stored.get("block_size"))
+    training_args = _training_arguments(config, run_plugins, eval_raw is not None)
 
     report.header(config, run_plugins, model_source(config), template_name, block_size)
     if config.template and train_raw.type != "conversation":
         report.note(
             f"--template {config.template} is not used: {train_raw.type} data is not rendered by a template"
         )
-    if resume_from is None and config.resume:
-        report.note(f"no checkpoint in {output_dir} to resume from; starting from the beginning")
+    if plan.note:
+        report.note(plan.note)
 
     # 2. Tokenizer and data.
     tokenizer = hook.load_tokenizer(config=config)
@@ -214,12 +223,15 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     init_kwargs = _merged_init_kwargs(run_plugins, config)
     model = hook.load_model(config=config, model_config=model_config, init_kwargs=init_kwargs)
     model = fold(hook.prepare_model, "model", config=config, model=model, tokenizer=tokenizer)
-    _check_vocabulary(model, train_data, eval_data)
+    _check_vocabulary(model, data_stats)
     report.model(model)
 
     # 4. Training.
-    _write_run_record(output_dir, config, run_plugins, template_name, status="running")
-    trainer = _build_trainer(config, run_plugins, model, tokenizer, train_data, eval_data, report)
+    trainer = _build_trainer(
+        config, run_plugins, training_args, model, tokenizer, train_data, eval_data, report
+    )
+    _claim_output_dir(plan, output_dir)
+    _write_run_record(output_dir, config, run_plugins, template_name, block_size, status="running")
     if resume_from is not None:
         hook.on_checkpoint_load(config=config, checkpoint_dir=str(resume_from))
     started = time.monotonic()
@@ -252,7 +264,9 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
         data=data_stats,
     )
     if trainer.is_world_process_zero():
-        _write_run_record(output_dir, config, run_plugins, template_name, status="completed", result=result)
+        _write_run_record(
+            output_dir, config, run_plugins, template_name, block_size, status="completed", result=result
+        )
     report.summary(result)
     return result
 
@@ -271,9 +285,33 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _check_output_dir(config: RunConfig, output_dir: Path) -> Path | None:
-    """Refuse to clobber an earlier run; find the checkpoint to resume from. Returns it, or None."""
+@dataclass
+class OutputPlan:
+    """What a run will do with its output directory, decided before anything is loaded or changed."""
+
+    resume_from: Path | None = None
+    clear: bool = False  # --overwrite: delete the earlier run, just before training starts
+    note: str | None = None
+
+
+def plan_output_dir(config: RunConfig, output_dir: Path) -> OutputPlan:
+    """Refuse to clobber an earlier run or a foreign directory; find the checkpoint to resume from.
+
+    Nothing is changed here: an error found later (a bad template, a missing model) leaves the directory as
+    it was.
+    """
     from transformers.trainer_utils import get_last_checkpoint
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir {output_dir} is a file", "choose a directory")
+    occupied = output_dir.is_dir() and any(output_dir.iterdir())
+    ours = occupied and ((output_dir / RUN_RECORD).is_file() or any(output_dir.glob("checkpoint-*")))
+    if occupied and not ours:
+        raise ConfigError(
+            f"--output-dir {output_dir} is not empty and does not hold an lmflow run",
+            "choose a new or empty directory",
+        )
+    status = _read_json(output_dir / RUN_RECORD).get("status", "unfinished") if ours else None
 
     if config.resume and config.resume != "latest":
         checkpoint = Path(config.resume)
@@ -282,36 +320,43 @@ def _check_output_dir(config: RunConfig, output_dir: Path) -> Path | None:
                 f"{checkpoint} is not a checkpoint (no trainer_state.json)",
                 "pass --resume alone for the latest checkpoint in --output-dir, or a checkpoint-N directory",
             )
-        return checkpoint
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"--output-dir {output_dir} is a file", "choose a directory")
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
-        return None
-    ours = (output_dir / RUN_RECORD).is_file() or any(output_dir.glob("checkpoint-*"))
+        if ours and checkpoint.resolve().parent != output_dir.resolve():
+            raise ConfigError(
+                f"--output-dir {output_dir} already holds another run; resuming {checkpoint} there would mix them",
+                "choose a new or empty --output-dir",
+            )
+        return OutputPlan(resume_from=checkpoint)
     if config.resume == "latest":
-        _remove_staging(output_dir)
-        last = get_last_checkpoint(str(output_dir))
-        if last is None and _read_json(output_dir / RUN_RECORD).get("status") == "completed":
+        last = get_last_checkpoint(str(output_dir)) if ours else None
+        if last is None and status == "completed":
             raise ConfigError(
                 f"--resume: the completed run in {output_dir} saved no checkpoint to continue from",
                 "use --overwrite to train it again, or choose another --output-dir",
             )
-        return Path(last) if last else None
+        if last is None:
+            return OutputPlan(
+                note=f"no checkpoint in {output_dir} to resume from; starting from the beginning"
+            )
+        return OutputPlan(resume_from=Path(last))
     if not ours:
-        raise ConfigError(
-            f"--output-dir {output_dir} is not empty and does not hold an lmflow run",
-            "choose a new or empty directory",
-        )
+        return OutputPlan()
     if config.overwrite:
-        if _is_main_process():
-            shutil.rmtree(output_dir)
-        return None
-    status = _read_json(output_dir / RUN_RECORD).get("status", "unfinished")
+        return OutputPlan(clear=True)
     what = "a completed run" if status == "completed" else "an unfinished run"
     raise ConfigError(
         f"--output-dir {output_dir} already holds {what}",
         "pass --resume to continue it, --overwrite to replace it, or choose another --output-dir",
     )
+
+
+def _claim_output_dir(plan: OutputPlan, output_dir: Path) -> None:
+    """Apply the plan, right before training: clear an overwritten run, drop half-written checkpoints."""
+    if not _is_main_process():
+        return
+    if plan.clear and output_dir.exists():
+        shutil.rmtree(output_dir)
+    if output_dir.is_dir():
+        _remove_staging(output_dir)
 
 
 def _remove_staging(directory: Path) -> None:
@@ -328,9 +373,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def stored_template(source: str) -> str | None:
-    """The template recorded with a model that lmflow trained, if any."""
-    return _read_json(Path(source) / RUN_RECORD).get("template")
+def stored_run(source: str) -> dict[str, Any]:
+    """The run record (template, block size, config...) of a model that lmflow trained; ``{}`` otherwise."""
+    return _read_json(Path(source) / RUN_RECORD)
 
 
 def _load_model_config(config: RunConfig) -> Any:
@@ -354,11 +399,19 @@ def _load_model_config(config: RunConfig) -> Any:
         ) from exc
 
 
-def _block_size(config: RunConfig, model_config: Any) -> int:
-    context = getattr(model_config, "max_position_embeddings", None) or getattr(
+def model_context(model_config: Any) -> int | None:
+    """The longest sequence a model config allows, if it says."""
+    return getattr(model_config, "max_position_embeddings", None) or getattr(
         model_config, "n_positions", None
     )
+
+
+def _block_size(config: RunConfig, model_config: Any, stored: int | None = None) -> int:
+    """--block-size, else the block size the model was trained with by lmflow, else its context (<= 1024)."""
+    context = model_context(model_config)
     if config.block_size is None:
+        if stored and (context is None or stored <= context):
+            return int(stored)
         return min(context or 1024, 1024)
     if context is not None and config.block_size > context:
         raise ConfigError(
@@ -381,7 +434,6 @@ def _prepare_data(
     from .data import tokenize_dataset
 
     hook = run_plugins.hook
-    formatters = [i.plugin_name for i in hook.format_conversation.get_hookimpls()]
 
     def render(template: Any, conversation: Any) -> Any:
         return hook.format_conversation(
@@ -399,9 +451,7 @@ def _prepare_data(
             template,
             render,
             config.group_texts,
-            cache_extra=",".join(
-                f"{n}={run_plugins.infos[n].version if n in run_plugins.infos else ''}" for n in formatters
-            ),
+            cache_extra=_formatter_fingerprint(run_plugins),
         )
         report.data(split, raw, split_stats)
         data = fold(
@@ -413,6 +463,25 @@ def _prepare_data(
             )
         prepared[split], stats[split] = data, split_stats.to_dict()
     return prepared["train"], prepared.get("eval"), stats
+
+
+def _formatter_fingerprint(run_plugins: RunPlugins) -> str:
+    """Identifies the plugins that render conversations, for the tokenization cache key.
+
+    An installed plugin is identified by its version; a plugin object passed from Python by a hash of its
+    hook function (code and state), so editing it invalidates the cache.
+    """
+    from datasets.fingerprint import Hasher
+
+    parts = []
+    for impl in run_plugins.hook.format_conversation.get_hookimpls():
+        info = run_plugins.infos.get(impl.plugin_name)
+        try:
+            identity = info.version if info else Hasher.hash(impl.function)
+        except Exception:  # an object that cannot be hashed: never reuse a cache for it
+            identity = os.urandom(8).hex()
+        parts.append(f"{impl.plugin_name}={identity}")
+    return ",".join(parts)
 
 
 def _merged_init_kwargs(run_plugins: RunPlugins, config: RunConfig) -> dict[str, Any]:
@@ -429,15 +498,16 @@ def _merged_init_kwargs(run_plugins: RunPlugins, config: RunConfig) -> dict[str,
     return merged
 
 
-def _check_vocabulary(model: Any, *datasets: Any) -> None:
-    rows = model.get_input_embeddings().weight.shape[0]
-    for data in datasets:
-        if data is None or "input_ids" not in data.column_names:
-            continue
-        highest = max((max(ids) for ids in data["input_ids"] if ids), default=-1)
-        if highest >= rows:
+def _check_vocabulary(model: Any, data_stats: dict[str, Any]) -> None:
+    """Every token id of the data must have an embedding row (a tokenizer that does not fit the model)."""
+    embeddings = model.get_input_embeddings()
+    # num_embeddings survives parameter partitioning (ZeRO-3), where the weight itself is empty.
+    rows = getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
+    for split, stats in data_stats.items():
+        if stats["max_token_id"] >= rows:
             raise LmflowError(
-                f"the data has token id {highest} but the model's embeddings have only {rows} rows",
+                f"the {split} data has token id {stats['max_token_id']} but the model's embeddings have only "
+                f"{rows} rows",
                 "use the model's own tokenizer, or resize the embeddings (vocabulary extension plugin)",
             )
 
@@ -447,13 +517,36 @@ def _check_vocabulary(model: Any, *datasets: Any) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _cuda_available() -> bool:
+def _accelerator_available() -> bool:
     import torch
 
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
     return torch.cuda.is_available()
 
 
-def _training_arguments(config: RunConfig, has_eval: bool) -> dict[str, Any]:
+def _training_arguments(config: RunConfig, run_plugins: RunPlugins, has_eval: bool) -> TrainingArguments:
+    """Build ``TrainingArguments`` before any model loads, so that bad settings fail early.
+
+    Plugins adjust the keyword arguments first (``adjust_training_args``). Building the arguments this early
+    is also what DeepSpeed ZeRO-3 needs to load a model already partitioned.
+    """
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    kwargs = _training_kwargs(config, has_eval)
+    run_plugins.hook.adjust_training_args(config=config, training_args=kwargs)
+    try:
+        args = TrainingArguments(**kwargs)
+        get_reporting_integration_callbacks(args.report_to)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ConfigError(
+            f"invalid training settings: {str(exc).strip().splitlines()[0]}", "check the run options"
+        ) from exc
+    return args
+
+
+def _training_kwargs(config: RunConfig, has_eval: bool) -> dict[str, Any]:
     fields = TrainingArguments.__dataclass_fields__
     checkpointing = (
         "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
@@ -477,7 +570,9 @@ def _training_arguments(config: RunConfig, has_eval: bool) -> dict[str, Any]:
         # transformers renamed gradient_checkpointing to activation_checkpointing in 5.x; use what it knows.
         checkpointing: config.gradient_checkpointing,
         f"{checkpointing}_kwargs": {"use_reentrant": False} if config.gradient_checkpointing else None,
-        "dataloader_pin_memory": _cuda_available(),
+        "dataloader_pin_memory": _accelerator_available(),
+        # bf16 on a machine without an accelerator runs on the CPU (autocast); transformers wants to be told.
+        "use_cpu": config.bf16 and not _accelerator_available(),
         "logging_steps": config.logging_steps,
         "logging_first_step": True,
         "save_strategy": "steps" if config.save_steps else "no",
@@ -500,6 +595,7 @@ def _training_arguments(config: RunConfig, has_eval: bool) -> dict[str, Any]:
 def _build_trainer(
     config: RunConfig,
     run_plugins: RunPlugins,
+    args: TrainingArguments,
     model: Any,
     tokenizer: Any,
     train_data: Any,
@@ -507,14 +603,6 @@ def _build_trainer(
     report: Reporter,
 ) -> Any:
     hook = run_plugins.hook
-    kwargs = _training_arguments(config, eval_data is not None)
-    hook.adjust_training_args(config=config, training_args=kwargs)
-    try:
-        args = TrainingArguments(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"invalid training settings: {str(exc).splitlines()[0]}", "check the run options"
-        ) from exc
     hook_callback = HookCallback(config, run_plugins)
     callbacks = [hook_callback, report.progress_callback()]
     for extra in hook.trainer_callbacks(config=config):
@@ -718,27 +806,34 @@ def _write_run_record(
     config: RunConfig,
     run_plugins: RunPlugins,
     template: str | None,
+    block_size: int,
     status: str,
     result: RunResult | None = None,
 ) -> None:
-    """Write ``lmflow_run.json`` (and ``run_config.yaml``) atomically; later commands read the template from it."""
+    """Write ``lmflow_run.json`` and ``run_config.yaml`` atomically; later commands read the template from it.
+
+    ``run_config.yaml`` holds the settings that define the run, so ``lmflow run --config out/run_config.yaml
+    --output-dir other`` repeats it (how this run was started, ``--resume``/``--overwrite``, is left out).
+    """
     if not _is_main_process():
         return
     import yaml
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("resume", "overwrite")}
     record = {
         "lmflow_version": __version__,
         "status": status,
         "template": template,
+        "block_size": block_size,
         "plugins": run_plugins.versions(),
-        "config": config.to_dict(),
+        "config": settings,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if result is not None:
         record["result"] = result.to_dict()
     _atomic_write(output_dir / RUN_RECORD, json.dumps(record, indent=2, default=_json_default) + "\n")
-    _atomic_write(output_dir / RUN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    _atomic_write(output_dir / RUN_CONFIG, yaml.safe_dump(settings, sort_keys=False))
 
 
 def _json_default(value: Any) -> Any:

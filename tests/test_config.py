@@ -80,3 +80,15 @@ def test_to_dict_round_trips_through_build_config():
     original.plugin_options = {"p": {"a": 1}}
     rebuilt, problems = build_config(original.to_dict())
     assert problems == [] and rebuilt.to_dict() == original.to_dict()
+
+
+def test_yaml_shapes_users_write_are_understood_or_named():
+    config, problems = build_config({"resume": True, "max_steps": "1e3", "learning_rate": "3e-4"})
+    assert problems == [] and config.resume == "latest" and config.max_steps == 1000
+    _, problems = build_config({"plugins": 5})
+    assert problems == ['plugins must be given as names ("a,b" or a list of strings), got 5']
+    _, problems = build_config({"templates": 5})
+    assert problems == ["the options of plugin 'templates' must be a mapping (templates: {option: value})"]
+    _, problems = build_config({"max_steps": 2.5, "warmup": float("inf")})
+    assert "--max-steps must be of type int, got 2.5" in problems
+    assert "--warmup must be a finite number, got inf" in problems

@@ -265,11 +265,13 @@ def test_tokenization_is_cached_and_the_cache_is_keyed_by_settings(tmp_path, tok
     assert first["input_ids"] == second["input_ids"] and first["labels"] == second["labels"]
     _, stats3 = tokenize_dataset(raw, tokenizer, 48, chatml)
     assert not stats3.cached
-    # Changing the data file invalidates the cache.
-    write_json(tmp_path / "c.json", conversations(7))
+    # Changing the data file (same number of records) invalidates the cache.
+    changed = conversations(6)
+    changed[0]["messages"][1]["content"] = "A different answer."
+    write_json(tmp_path / "c.json", changed)
     raw = load_raw_dataset(tmp_path / "c.json", chatml)
     third, stats4 = tokenize_dataset(raw, tokenizer, 64, chatml)
-    assert not stats4.cached and len(third) == 7
+    assert not stats4.cached and third["input_ids"][0] != first["input_ids"][0]
 
 
 # ---- lmflow data check -------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -13,25 +14,28 @@ from conftest import REPO
 EXAMPLE = REPO / "examples" / "lmflow-csv-logger"
 
 
+LMFLOW = Path(sys.executable).with_name("lmflow")  # the console script of this environment
+
+
 @pytest.fixture(scope="module")
 def installed_example():
+    """pip install the example package, as a user would; uninstall it after unless it was there before."""
     pip = [sys.executable, "-m", "pip"]
+    present = (
+        subprocess.run([*pip, "show", "--quiet", "lmflow-csv-logger"], capture_output=True).returncode == 0
+    )
     subprocess.run(
         [*pip, "install", "--quiet", "--no-deps", "--no-build-isolation", str(EXAMPLE)], check=True
     )
     try:
         yield
     finally:
-        subprocess.run([*pip, "uninstall", "--quiet", "--yes", "lmflow-csv-logger"], check=True)
+        if not present:
+            subprocess.run([*pip, "uninstall", "--quiet", "--yes", "lmflow-csv-logger"], check=True)
 
 
 def lmflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmflow_core.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return subprocess.run([str(LMFLOW), *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from conftest import REPO
 
 from lmflow_core import PluginOption, hookimpl, run
 from lmflow_core.errors import ConfigError, LmflowError
-from lmflow_core.plugins import CATALOG_HOOKS, hook_names
+from lmflow_core.plugins import hook_names
 from lmflow_core.templates import Segment, TurnTemplate
 
 
@@ -130,6 +130,8 @@ class Recorder:
     @hookimpl
     def decode(self, model, tokenizer, input_ids, options, streamer):
         self.calls.append("decode")
+        self.seen["decode_prompt"] = tokenizer.decode(input_ids[0])
+        self.seen["decode_options"] = options
         return None
 
 
@@ -266,6 +268,52 @@ def test_hook_prepare_model_frozen_parameters_stay_frozen(recorded_run, tiny_lla
     assert not torch.equal(
         before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
     )
+
+
+def test_hook_normalize_record_accepts_a_new_record_shape_and_keeps_extra_columns(tiny_llama, tmp_path):
+    from conftest import write_json
+
+    from lmflow_core.errors import DataError
+
+    records = [{"q": f"What is {i} plus 1?", "a": f"{i + 1}.", "source": f"quiz-{i}"} for i in range(8)]
+    data = write_json(tmp_path / "quiz.json", records)
+    columns = {}
+
+    def normalize_record(record, declared_type, where):
+        if "q" not in record:
+            return None
+        if not record["a"].strip():
+            raise DataError(f"{where}: empty answer")
+        messages = [{"role": "user", "content": record["q"]}, {"role": "assistant", "content": record["a"]}]
+        return "conversation", {"system": None, "messages": messages, "source": record["source"]}
+
+    def prepare_dataset(dataset, split):
+        columns[split] = (dataset.column_names, dataset[0]["source"])
+
+    plugin = types.SimpleNamespace(
+        normalize_record=hookimpl(normalize_record), prepare_dataset=hookimpl(prepare_dataset)
+    )
+    result = run(
+        model=str(tiny_llama),
+        dataset=str(data),
+        template="chatml",
+        output_dir=str(tmp_path / "o"),
+        max_steps=1,
+        save_steps=0,
+        extra_plugins={"quiz": plugin},
+    )
+    assert result.data["train"]["records"] == 8
+    names, source = columns["train"]
+    assert {"input_ids", "labels", "attention_mask", "source"} <= set(names) and source == "quiz-0"
+    write_json(tmp_path / "quiz.json", [*records, {"q": "?", "a": " ", "source": "x"}])
+    with pytest.raises(DataError, match=r"quiz\.json: record 8: empty answer"):
+        run(
+            model=str(tiny_llama),
+            dataset=str(data),
+            template="chatml",
+            output_dir=str(tmp_path / "o2"),
+            extra_plugins={"quiz": plugin},
+        )
 
 
 def test_hook_format_conversation_override_changes_the_training_text(tiny_llama, tmp_path):
@@ -446,6 +494,15 @@ def test_hook_evaluate_results_are_merged_with_the_core_metrics(recorded_run):
 def test_hook_decode_is_used_for_samples(recorded_run):
     recorder, result, _ = recorded_run
     assert "decode" in recorder.calls and len(result.samples) == 1
+    # The sample prompt is the template's rendering with the generation prompt, as at inference.
+    assert (
+        recorder.seen["decode_prompt"]
+        == "<|im_start|>user\nWhat is 2 plus 1?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (
+        recorder.seen["decode_options"].greedy
+        and "<|im_end|>" in recorder.seen["decode_options"].stop_strings
+    )
 
 
 def test_hook_register_templates_adds_a_template_usable_by_name(monkeypatch):
@@ -502,13 +559,13 @@ def test_run_hooks_are_called_in_phase_order(recorded_run):
         "declare_options",
         "validate_config",
         "configure_model",
+        "adjust_training_args",
         "load_tokenizer",
         "format_conversation",
         "prepare_dataset:train",
         "model_init_kwargs",
         "load_model",
         "prepare_model",
-        "adjust_training_args",
         "trainer_callbacks",
         "data_collator",
         "wrap_optimizer",
@@ -533,5 +590,23 @@ def test_every_hook_has_a_readme_section():
     assert not missing, f"hooks without a README section: {missing}"
 
 
-def test_catalog_hooks_are_the_ones_called_on_every_installed_plugin():
-    assert CATALOG_HOOKS == {"register_templates", "register_commands"}
+def test_tokenization_cache_key_follows_the_code_of_python_plugin_objects():
+    from lmflow_core.plugins import select_plugins
+    from lmflow_core.train import _formatter_fingerprint
+
+    def plain(conversation):
+        return None
+
+    def shouting(conversation):
+        return [Segment("X", trained=True)]
+
+    first = _formatter_fingerprint(
+        select_plugins([], extra=[("fmt", types.SimpleNamespace(format_conversation=hookimpl(plain)))])
+    )
+    again = _formatter_fingerprint(
+        select_plugins([], extra=[("fmt", types.SimpleNamespace(format_conversation=hookimpl(plain)))])
+    )
+    other = _formatter_fingerprint(
+        select_plugins([], extra=[("fmt", types.SimpleNamespace(format_conversation=hookimpl(shouting)))])
+    )
+    assert first == again and first != other

@@ -93,11 +93,20 @@ def test_two_plugins_declaring_the_same_flag_fail():
 
 def test_hooks_run_in_the_order_plugins_are_named_with_core_last():
     calls = []
-    first = make_plugin("first", decode=lambda: calls.append("first"))
-    second = make_plugin("second", decode=lambda: calls.append("second"))
+    first = make_plugin("first", validate_config=lambda: calls.append("first"))
+    second = make_plugin("second", validate_config=lambda: calls.append("second"))
     run_plugins = select_plugins([], extra=[("first", first), ("second", second)])
-    impls = [i.plugin_name for i in reversed(run_plugins.hook.decode.get_hookimpls())]
-    assert impls == ["first", "second", "core"]
+    run_plugins.hook.validate_config(config=None)
+    assert calls == ["first", "second"]
+    # first-result hooks ask the named plugins in order, the core's default last
+    assert [i.plugin_name for i in reversed(run_plugins.hook.decode.get_hookimpls())] == ["core"]
+    picker = make_plugin("picker", decode=lambda: "from picker")
+    other = make_plugin("other", decode=lambda: "from other")
+    run_plugins = select_plugins([], extra=[("picker", picker), ("other", other)])
+    assert (
+        run_plugins.hook.decode(model=None, tokenizer=None, input_ids=None, options=None, streamer=None)
+        == "from picker"
+    )
 
 
 def test_fold_passes_each_result_to_the_next_plugin_and_none_keeps_the_value():
@@ -127,14 +136,22 @@ def test_parse_plugin_names_keeps_order_and_drops_blanks_and_repeats():
     assert parse_plugin_names(None) == []
 
 
-def test_every_hook_has_a_docstring_that_states_when_returns_and_combine():
+def test_every_hook_has_a_docstring_that_states_when_arguments_returns_and_combine():
+    import inspect
+
     import lmflow_core.hookspecs as specs
 
     for name in hook_names():
-        doc = getattr(specs, name).__doc__ or ""
+        spec = getattr(specs, name)
+        doc = spec.__doc__ or ""
         assert "When:" in doc, name
         assert "Combine:" in doc, name
         assert "Returns" in doc or "return values are ignored" in doc.lower(), name
+        arguments = list(inspect.signature(spec).parameters)
+        if arguments:
+            section = doc.split("Args:")[1].split("Returns")[0].split("Combine:")[0] if "Args:" in doc else ""
+            undocumented = [a for a in arguments if f"\n        {a}:" not in section]
+            assert not undocumented, f"{name}: arguments without an Args entry: {undocumented}"
 
 
 def test_plugins_command_lists_name_version_source_and_hooks(runner):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -22,9 +23,8 @@ def lmflow(*args, **kwargs) -> subprocess.Popen:
     )
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tiny_llama, chat_data, tmp_path):
-    common = [
+def common_args(tiny_llama, chat_data) -> list:
+    return [
         "run",
         "--model",
         tiny_llama,
@@ -45,8 +45,31 @@ def test_killed_run_resumes_to_the_same_weights(tiny_llama, chat_data, tmp_path)
         "--save-total-limit",
         "10",
     ]
-    straight = lmflow(*common, "--output-dir", tmp_path / "straight")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_llama, tmp_path_factory):
+    """The weights of an uninterrupted 12-step run."""
+    from conftest import conversations, write_json
+
+    tmp = tmp_path_factory.mktemp("straight")
+    data = write_json(tmp / "chat.json", {"type": "conversation", "instances": conversations()})
+    straight = lmflow(*common_args(tiny_llama, data), "--output-dir", tmp / "out")
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    return data, load_file(str(tmp / "out" / "model.safetensors"))
+
+
+def assert_same_weights(expected: dict, path) -> None:
+    actual = load_file(str(path))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(tiny_llama, straight_run, tmp_path):
+    data, expected = straight_run
+    common = common_args(tiny_llama, data)
 
     killed_dir = tmp_path / "killed"
     victim = lmflow(*common, "--output-dir", killed_dir)
@@ -72,11 +95,53 @@ def test_killed_run_resumes_to_the_same_weights(tiny_llama, chat_data, tmp_path)
     assert "resuming at step" in output
     assert not list(killed_dir.glob(".staging-*"))
 
-    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    b = load_file(str(killed_dir / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(expected, killed_dir / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
+    tiny_llama, straight_run, tmp_path
+):
+    data, expected = straight_run
+    common = common_args(tiny_llama, data)
+    out = tmp_path / "out"
+    settings = {
+        "model": str(tiny_llama),
+        "dataset": str(data),
+        "template": "chatml",
+        "max_steps": 12,
+        "save_steps": 3,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "logging_steps": 1,
+        "save_total_limit": 10,
+        "output_dir": str(out),
+    }
+    script = tmp_path / "killer.py"
+    script.write_text(
+        "import json, os, signal, sys\n"
+        "from lmflow_core import hookimpl, run\n"
+        "class Killer:\n"
+        "    @hookimpl\n"
+        "    def on_checkpoint_save(self, checkpoint_dir):\n"
+        "        if checkpoint_dir.endswith('checkpoint-6'):\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)  # dies half-way through writing checkpoint-6\n"
+        "run(**json.loads(sys.argv[1]), extra_plugins={'killer': Killer()})\n"
+    )
+    victim = subprocess.run(
+        [sys.executable, str(script), json.dumps(settings)], capture_output=True, text=True
+    )
+    assert victim.returncode == -signal.SIGKILL, victim.stderr
+    assert (out / "checkpoint-3").is_dir() and not (out / "checkpoint-6").exists()
+    staged = out / ".staging-checkpoint-6" / "checkpoint-6"
+    assert (staged / "optimizer.pt").is_file()  # the trainer had written it; it never became a checkpoint
+
+    resumed = lmflow(*common, "--output-dir", out, "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resuming at step 3" in output
+    assert not (out / ".staging-checkpoint-6").exists()
+    assert_same_weights(expected, out / "model.safetensors")
 
 
 def test_a_half_written_checkpoint_is_ignored_on_resume(tiny_llama, chat_data, tmp_path):

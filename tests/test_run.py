@@ -31,6 +31,21 @@ def with_sample_plugin(monkeypatch):
     monkeypatch.setattr(plugins_module, "discover_plugins", discover)
 
 
+@pytest.fixture
+def model_loads(monkeypatch):
+    """Records every model load, so tests can prove a failure came before it."""
+    calls = []
+    for name in ("from_pretrained", "from_config"):
+        real = getattr(AutoModelForCausalLM, name).__func__
+
+        def spy(cls, *args, _real=real, **kwargs):
+            calls.append(args)
+            return _real(cls, *args, **kwargs)
+
+        monkeypatch.setattr(AutoModelForCausalLM, name, classmethod(spy))
+    return calls
+
+
 def test_run_writes_a_model_directory_that_transformers_loads(runner, fast_run_args, tmp_path):
     result = invoke(runner, *fast_run_args)
     assert result.exit_code == 0, result.output + result.stderr
@@ -200,14 +215,64 @@ def assert_clean_failure(result, code: int, *fragments: str):
         (["--block-size", "4096"], 2, ["--block-size 4096 exceeds the model's context of 256 tokens"]),
         (["--eval-steps", "5"], 2, ["--eval-steps needs --eval-dataset"]),
         (["--resume", "/no/checkpoint"], 2, ["is not a checkpoint"]),
+        (
+            ["--learning-rate", "inf", "--epochs", "nan"],
+            2,
+            ["--learning-rate must be a finite number", "--epochs must be a finite number"],
+        ),
+        (["--optimizer", "adamw_nonsense"], 2, ["invalid training settings", "adamw_nonsense"]),
+        (["--report-to", "no_such_tracker"], 2, ["invalid training settings", "no_such_tracker"]),
     ],
 )
-def test_user_errors_fail_before_anything_loads(runner, fast_run_args, tmp_path, extra, code, fragments):
+def test_user_errors_fail_before_anything_loads(
+    runner, fast_run_args, tmp_path, model_loads, extra, code, fragments
+):
     if "--fp16" in extra and torch.cuda.is_available():
         pytest.skip("fp16 is valid with a GPU")
     result = invoke(runner, *fast_run_args, *extra)
     assert_clean_failure(result, code, *fragments)
-    assert not (tmp_path / "out").exists()  # nothing written: the run stopped before training
+    assert model_loads == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_its_checks(runner, fast_run_args, tmp_path):
+    assert invoke(runner, *fast_run_args).exit_code == 0
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert_clean_failure(
+        invoke(runner, *fast_run_args, "--overwrite", "--template", "chatmll"), 2, "unknown template"
+    )
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+
+
+def test_resume_from_a_path_does_not_write_into_another_run_or_a_foreign_directory(
+    runner, fast_run_args, tmp_path
+):
+    assert invoke(runner, *fast_run_args).exit_code == 0
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    other = [*fast_run_args, "--output-dir", tmp_path / "other"]  # the last --output-dir wins
+    assert invoke(runner, *other).exit_code == 0
+    result = invoke(runner, *other, "--resume", checkpoint)
+    assert_clean_failure(result, 2, "already holds another run", "would mix them")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")
+    args = [*fast_run_args, "--output-dir", foreign, "--resume", checkpoint]
+    assert_clean_failure(invoke(runner, *args), 2, "does not hold an lmflow run")
+    assert (foreign / "config.json").read_text() == "{}"
+
+
+def test_bf16_trains_on_a_machine_without_an_accelerator(tiny_llama, chat_data, tmp_path):
+    result = run(
+        model=str(tiny_llama),
+        dataset=str(chat_data),
+        template="chatml",
+        output_dir=str(tmp_path / "o"),
+        max_steps=2,
+        batch_size=4,
+        bf16=True,
+        save_steps=0,
+    )
+    assert result.global_step == 2
 
 
 def test_malformed_dataset_fails_naming_file_and_record(runner, fast_run_args, tmp_path):
@@ -309,20 +374,31 @@ def test_text_only_run_with_eval_steps(tiny_llama, text_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_embedded_demo_runs_offline_in_under_two_minutes_with_a_falling_loss(runner, tmp_path):
+def test_the_embedded_demo_runs_offline_in_under_two_minutes_with_a_falling_loss(tmp_path):
+    """`lmflow run` with no arguments, as a user types it (a fresh process, imports included)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
     started = time.monotonic()
-    result = invoke(runner, "run", "--output-dir", tmp_path / "demo")
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("lmflow")), "run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     elapsed = time.monotonic() - started
-    assert result.exit_code == 0, result.stderr
-    assert "model: bundled demo (random init)" in result.output
+    assert done.returncode == 0, done.stderr
+    assert "model: bundled demo (random init)" in done.stdout
     losses = [
         float(line.split("loss ")[1].split(" ")[0])
-        for line in result.output.splitlines()
+        for line in done.stdout.splitlines()
         if line.startswith("step ")
     ]
-    assert losses[-1] < losses[0] / 5, losses
+    assert len(losses) > 10 and losses[-1] < losses[0] / 5, losses
     assert elapsed < 120, f"demo took {elapsed:.0f}s"
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "demo")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "output")
     assert model.config.model_type == "llama"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def dataset_files(path: str | Path) -> list[Path]:
             raise DataError(f"dataset directory {path} holds no .json or .jsonl file", "check the path")
         return files
     if not path.exists():
-        raise DataError(f"dataset {path} does not exist", "check the path given to --dataset")
+        raise DataError(f"dataset {path} does not exist", "check the path")
     if path.suffix not in EXTENSIONS:
         raise DataError(
             f"dataset {path} is not a .json or .jsonl file", "convert it to one of the formats in README"
@@ -71,14 +72,22 @@ def dataset_files(path: str | Path) -> list[Path]:
     return [path]
 
 
+Normalizer = Callable[[Any, "str | None", str], "tuple[str, dict[str, Any]] | None"]
+
+
 def load_raw_dataset(
-    path: str | Path, template: Template | None = None, max_samples: int | None = None
+    path: str | Path,
+    template: Template | None = None,
+    max_samples: int | None = None,
+    normalize: Normalizer | None = None,
 ) -> RawDataset:
     """Read and validate every record of the dataset at ``path``.
 
     Args:
         template: when given, every conversation is also checked against it (roles, order, system prompt).
         max_samples: keep only the first N records (after validation of those N).
+        normalize: the ``normalize_record`` hook: ``(record, declared_type, where)`` -> ``(type, record)`` for
+            record shapes a plugin understands, or ``None`` for the core's own formats.
 
     Raises:
         DataError: naming the file and record index of the first problem.
@@ -91,7 +100,10 @@ def load_raw_dataset(
             if max_samples is not None and dataset is not None and len(dataset) >= max_samples:
                 break
             where = f"{file}: {label}"
-            record_type, record = _normalise(item, kind, where)
+            custom = normalize(item, kind, where) if normalize is not None else None
+            record_type, record = custom if custom is not None else _normalise(item, kind, where)
+            if _base_type(record_type) not in TYPES:
+                raise DataError(f"{where}: a plugin returned the unknown record type {record_type!r}")
             if dataset is None:
                 dataset = RawDataset(_base_type(record_type), [], files)
             elif _base_type(record_type) != dataset.type:
@@ -106,7 +118,7 @@ def load_raw_dataset(
                     template.check(Conversation.from_messages(record["messages"], record["system"]))
                 except TemplateError as exc:
                     raise DataError(
-                        f"{where}: {exc.one_line()}", "fix the record or choose another --template"
+                        f"{where}: {exc.message}", exc.hint or "fix the record or choose another --template"
                     ) from exc
             dataset.records.append(record)
             dataset.origins.append(where)

@@ -9,8 +9,8 @@ Every example gets ``input_ids``, ``labels`` (-100 where no loss is taken) and `
 
 Examples longer than the block size are truncated and counted; examples left with no trained token are
 dropped and counted. Both counts are reported, never silent. Tokenization runs batched through ``datasets``
-and is cached under ``$LMFLOW_CACHE`` (default ``~/.cache/lmflow``), keyed by the data files, tokenizer,
-template and settings.
+and is cached under ``$LMFLOW_CACHE`` (default ``~/.cache/lmflow``), keyed by the records' content, the
+tokenizer, the template and the settings.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import Any
 from ..templates import Conversation, Segment, Template, encode_segments
 from .formats import RawDataset
 
-CACHE_FORMAT = "lmflow-data-v1"  # bump when tokenization changes, so old caches are not reused
+CACHE_FORMAT = "lmflow-data-v2"  # bump when tokenization changes, so old caches are not reused
 IGNORE_INDEX = -100
+TEXT_FIELDS = ("text", "input", "output", "system", "messages")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class DataStats:
     length_median: float = 0.0
     length_p95: int = 0
     length_max: int = 0
+    max_token_id: int = -1
     converted: dict[str, int] = field(default_factory=dict)
     cached: bool = False
 
@@ -118,61 +120,76 @@ def tokenize_dataset(
         else:
             ids = [_with_eos(x, eos) for x in tokenizer(batch["text"], add_special_tokens=True)["input_ids"]]
             labels = [list(x) for x in ids]
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": labels, "_full_length": [len(x) for x in ids]}
 
+    def finish(batch: dict[str, list]) -> dict[str, list]:
+        """Cut to the block size; add the attention mask and the per-example numbers the stats need."""
+        if grouping:
+            batch = {key: batch[key] for key in ("input_ids", "labels")}
+            batch = _group(batch, block_size)
+        else:
+            batch = {
+                **batch,
+                "input_ids": [x[:block_size] for x in batch["input_ids"]],
+                "labels": [x[:block_size] for x in batch["labels"]],
+            }
+        ids = batch["input_ids"]
+        batch["attention_mask"] = [[1] * len(x) for x in ids]
+        batch["_trained"] = [sum(t != IGNORE_INDEX for t in x) for x in batch["labels"]]
+        batch["_max_id"] = [max(x, default=-1) for x in ids]
+        batch["_length"] = [len(x) for x in ids]
+        return batch
+
+    grouping = raw.type == "text_only" and group_texts
     source = datasets.Dataset.from_list(raw.records)
+    # Columns a plugin's normalize_record added (e.g. image paths) travel with their examples.
+    text_columns = [c for c in source.column_names if c in TEXT_FIELDS]
     encoded = source.map(
         encode,
         batched=True,
         batch_size=512,
-        remove_columns=source.column_names,
+        remove_columns=text_columns,
         keep_in_memory=True,
         load_from_cache_file=False,
         desc="Tokenizing",
     )
-    lengths = [len(x) for x in encoded["input_ids"]]
-    stats = DataStats(
-        type=raw.type, records=len(raw), examples=0, block_size=block_size, converted=dict(raw.converted)
-    )
-    if lengths:
-        ordered = sorted(lengths)
-        stats.length_min, stats.length_max = ordered[0], ordered[-1]
-        stats.length_mean = round(statistics.fmean(ordered), 2)
-        stats.length_median = statistics.median(ordered)
-        stats.length_p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-
-    if raw.type == "text_only" and group_texts:
-        encoded = encoded.map(
-            lambda b: _group(b, block_size),
-            batched=True,
-            batch_size=1000,
-            keep_in_memory=True,
-            load_from_cache_file=False,
-            desc="Grouping texts",
-        )
-    else:
-        stats.truncated = sum(n > block_size for n in lengths)
-        encoded = encoded.map(
-            lambda b: {k: [x[:block_size] for x in v] for k, v in b.items()},
-            batched=True,
-            keep_in_memory=True,
-            load_from_cache_file=False,
-            desc="Truncating",
-        )
-    trained = [sum(t != IGNORE_INDEX for t in x) for x in encoded["labels"]]
-    keep = [i for i, n in enumerate(trained) if n > 0]
-    stats.dropped_untrained = len(trained) - len(keep)
-    if stats.dropped_untrained:
-        encoded = encoded.select(keep, keep_in_memory=True)
-    encoded = encoded.map(
-        lambda b: {"attention_mask": [[1] * len(x) for x in b["input_ids"]]},
+    full_lengths = sorted(encoded["_full_length"])
+    finished = encoded.map(
+        finish,
         batched=True,
+        batch_size=1000,
         keep_in_memory=True,
         load_from_cache_file=False,
+        remove_columns=encoded.column_names if grouping else ["_full_length"],
+        desc="Cutting to block size",
     )
-    stats.examples = len(encoded)
-    stats.tokens = sum(len(x) for x in encoded["input_ids"])
-    stats.trained_tokens = sum(trained)
+    trained = finished["_trained"]
+    stats = DataStats(
+        type=raw.type,
+        records=len(raw),
+        examples=0,
+        block_size=block_size,
+        converted=dict(raw.converted),
+        truncated=0 if grouping else sum(n > block_size for n in full_lengths),
+        dropped_untrained=sum(n == 0 for n in trained),
+        trained_tokens=sum(trained),
+        max_token_id=max(finished["_max_id"], default=-1),
+    )
+    if full_lengths:
+        stats.length_min, stats.length_max = full_lengths[0], full_lengths[-1]
+        stats.length_mean = round(statistics.fmean(full_lengths), 2)
+        stats.length_median = statistics.median(full_lengths)
+        stats.length_p95 = full_lengths[min(len(full_lengths) - 1, int(0.95 * len(full_lengths)))]
+    if stats.dropped_untrained:
+        finished = finished.filter(
+            lambda b: [n > 0 for n in b["_trained"]],
+            batched=True,
+            keep_in_memory=True,
+            load_from_cache_file=False,
+        )
+    stats.tokens = sum(finished["_length"])
+    stats.examples = len(finished)
+    encoded = finished.remove_columns(["_trained", "_max_id", "_length"])
     if use_cache:
         _save_cache(cache_dir, encoded, stats)
     return encoded, stats
@@ -196,14 +213,16 @@ def _group(batch: dict[str, list], block_size: int) -> dict[str, list]:
 def _cache_key(
     raw: RawDataset, tokenizer: Any, block_size: int, template: Template | None, group: bool, extra: str
 ) -> str:
+    """What the tokenized data depends on: the records themselves, the tokenizer, template and settings."""
+    import json
+
     from datasets.fingerprint import Hasher
 
     digest = hashlib.sha256()
-    for part in (CACHE_FORMAT, raw.type, str(len(raw)), str(block_size), str(group), extra, repr(template)):
+    for part in (CACHE_FORMAT, raw.type, str(block_size), str(group), extra, repr(template)):
         digest.update(part.encode() + b"\0")
-    for file in raw.files:
-        stat = file.stat()
-        digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode() + b"\0")
+    for record in raw.records:
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\0")
     digest.update(Hasher.hash(tokenizer).encode())
     return digest.hexdigest()[:32]
 
