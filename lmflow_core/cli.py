@@ -474,7 +474,7 @@ def _register_plugin_commands() -> None:
         click.echo(f"warning: plugin '{name}' is left out: {problem}", err=True)
     for impl in call_order(pm.hook.register_commands):
         try:
-            impl.function(cli)
+            impl.function(*[{"cli": cli}[name] for name in impl.argnames])
         except Exception as exc:  # a broken third-party plugin must not break every command
             click.echo(
                 f"warning: plugin '{impl.plugin_name}' failed to add its commands "
