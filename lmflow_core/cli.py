@@ -408,6 +408,23 @@ EXAMPLE = [
 ]
 
 
+def _load_tokenizer(source: str | None) -> Any:
+    if source is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise LmflowError(f"cannot load a tokenizer from '{source}'", "check --tokenizer") from exc
+
+
+tokenizer_option = click.option(
+    "--tokenizer",
+    help="Tokenizer (id or directory) for {bos_token}/{eos_token} and the `tokenizer` template.",
+)
+
+
 @templates_group.command("show")
 @click.argument("name")
 @click.option(
@@ -416,16 +433,23 @@ EXAMPLE = [
     show_default=True,
     help="System prompt of the example.",
 )
+@tokenizer_option
 @debug_option
-def templates_show(name: str, system: str) -> None:
+def templates_show(name: str, system: str, tokenizer: str | None) -> None:
     """Render an example conversation with template NAME; trained text is shown in [[double brackets]]."""
     from .templates import Conversation, get_template
 
     template = get_template(name)
-    conversation = Conversation.from_messages(
-        EXAMPLE, system if getattr(template, "system", "") is not None else None
-    )
-    segments = template.render(conversation, False, None)
+    click.echo(f"{template.name}: {template.description}")
+    if template.system_note:
+        click.echo(f"system prompt: {template.system_note}")
+    click.echo("")
+    conversation = Conversation.from_messages(EXAMPLE, system)
+    try:
+        template.check(conversation)
+    except LmflowError:
+        conversation = Conversation.from_messages(EXAMPLE)  # a family without any system prompt
+    segments = template.render(conversation, False, _load_tokenizer(tokenizer))
     click.echo("".join(f"[[{s.text}]]" if s.trained else s.text for s in segments))
 
 
@@ -436,29 +460,34 @@ def templates_show(name: str, system: str) -> None:
     "messages_file",
     required=True,
     type=click.Path(dir_okay=False),
-    help="JSON list of {role, content}.",
+    help='JSON list of {role, content}, or {"messages": [...], "system"?, "tools"?}.',
 )
 @click.option(
     "--add-generation-prompt", is_flag=True, help="End with the header of the assistant's next turn."
 )
+@tokenizer_option
 @debug_option
-def templates_render(name: str, messages_file: str, add_generation_prompt: bool) -> None:
+def templates_render(
+    name: str, messages_file: str, add_generation_prompt: bool, tokenizer: str | None
+) -> None:
     """Write exactly the text template NAME renders for a conversation, and nothing else."""
     from .templates import Conversation, get_template, render_text
 
     template = get_template(name)
     try:
         with open(messages_file, encoding="utf-8") as handle:
-            messages = json.load(handle)
+            data = json.load(handle)
     except (OSError, ValueError) as exc:
         raise LmflowError(
             f"cannot read messages from {messages_file}: {exc}", "pass a JSON list of {role, content}"
         ) from exc
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in messages
-    ):
+    system = tools = None
+    if isinstance(data, dict):
+        data, system, tools = data.get("messages"), data.get("system"), data.get("tools")
+    if not isinstance(data, list) or not all(isinstance(m, dict) and "role" in m for m in data):
         raise LmflowError(f'{messages_file} must hold a JSON list of {{"role", "content"}} objects')
-    segments = template.render(Conversation.from_messages(messages), add_generation_prompt, None)
+    conversation = Conversation.from_messages(data, system, tools)
+    segments = template.render(conversation, add_generation_prompt, _load_tokenizer(tokenizer))
     sys.stdout.write(render_text(segments))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,39 +22,90 @@ from typing import Any
 
 from .errors import LmflowError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class TemplateError(LmflowError):
-    """A conversation does not fit the template (roles, order, system prompt)."""
+    """A conversation does not fit the template (roles, order, system prompt, tools)."""
 
     exit_code = 2
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call made by the assistant: a name and JSON-serialisable arguments."""
+
+    name: str
+    arguments: Any
+
+
+@dataclass(frozen=True)
 class Message:
-    """One turn of a conversation."""
+    """One turn of a conversation. Assistant turns may call tools; ``tool`` turns carry a tool's result."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass
 class Conversation:
-    """A system prompt (optional) and the turns that follow it."""
+    """A system prompt (optional), the turns that follow it, and the tools the assistant may call."""
 
     messages: list[Message]
     system: str | None = None
+    tools: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_messages(
-        cls, messages: Sequence[dict[str, str] | Message], system: str | None = None
+        cls,
+        messages: Sequence[dict[str, Any] | Message],
+        system: str | None = None,
+        tools: Any = None,
     ) -> Conversation:
-        """Build from ``[{"role", "content"}, ...]``; a leading ``system`` message becomes the system prompt."""
-        turns = [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in messages]
+        """Build from ``[{"role", "content", "tool_calls"?}, ...]`` (OpenAI style).
+
+        A leading ``system`` message becomes the system prompt. ``tool_calls`` and ``tools`` may be given as
+        lists or as JSON strings (how datasets store them).
+        """
+        turns = [m if isinstance(m, Message) else _message(m) for m in messages]
         if turns and turns[0].role == "system" and system is None:
             system, turns = turns[0].content, turns[1:]
-        return cls(turns, system)
+        if isinstance(tools, str):
+            tools = json.loads(tools)
+        return cls(turns, system, list(tools) if tools else None)
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """OpenAI-style message dicts, the system prompt first (what Jinja chat templates take)."""
+        out: list[dict[str, Any]] = (
+            [{"role": "system", "content": self.system}] if self.system is not None else []
+        )
+        for m in self.messages:
+            item: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.tool_calls:
+                item["tool_calls"] = [
+                    {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in m.tool_calls
+                ]
+            out.append(item)
+        return out
+
+
+def _message(item: dict[str, Any]) -> Message:
+    calls = item.get("tool_calls") or ()
+    if isinstance(calls, str):
+        calls = json.loads(calls)
+    parsed = []
+    for call in calls:
+        function = call.get("function", call)
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                pass  # arguments that are not JSON are kept as text
+        parsed.append(ToolCall(function["name"], arguments))
+    return Message(item["role"], item.get("content") or "", tuple(parsed))
 
 
 @dataclass(frozen=True)
@@ -64,6 +116,11 @@ class Segment:
     trained: bool = False
 
 
+def tojson(value: Any) -> str:
+    """JSON as chat templates write it (``tojson`` in transformers: no key sorting, no ASCII escaping)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 class Template:
     """Base class of conversation templates. Subclasses implement :meth:`render`.
 
@@ -71,34 +128,61 @@ class Template:
         name: what ``--template`` selects.
         description: one line for ``lmflow templates list``.
         stop_strings: text that ends an assistant turn, for generation.
+        supports_tools: whether ``tool`` messages, assistant tool calls and tool definitions are rendered.
+        system_note: what happens to a system prompt, for ``lmflow templates show``.
     """
 
     name: str = ""
     description: str = ""
     stop_strings: tuple[str, ...] = ()
+    supports_tools: bool = False
+    system_note: str = ""
 
     def check(self, conversation: Conversation) -> None:
         """Raise :class:`TemplateError` if the conversation cannot be rendered by this template."""
         if not conversation.messages:
-            raise TemplateError("the conversation has no messages")
+            raise TemplateError(
+                "the conversation has no messages", "add at least a user and an assistant message"
+            )
+        uses_tools = conversation.tools or any(
+            m.role == "tool" or m.tool_calls for m in conversation.messages
+        )
+        if uses_tools and not self.supports_tools:
+            raise TemplateError(
+                f"template '{self.name}' has no format for tool calls or tool messages",
+                "use a template that supports tools (qwen2_5, qwen3, granite, or `tokenizer`)",
+            )
+        previous = None
         for i, message in enumerate(conversation.messages):
-            if message.role not in ("user", "assistant"):
-                hint = " (a system prompt may only come first)" if message.role == "system" else ""
+            if message.role not in ("user", "assistant", "tool"):
+                hint = "; a system prompt may only come first" if message.role == "system" else ""
                 raise TemplateError(
-                    f"message {i} has role '{message.role}'; expected user or assistant{hint}"
+                    f"message {i} has role '{message.role}'; expected user, assistant or tool{hint}"
                 )
-            expected = "user" if i % 2 == 0 else "assistant"
-            if message.role != expected:
+            allowed = {
+                None: ("user",),
+                "user": ("assistant",),
+                "assistant": ("user", "tool") if conversation.messages[i - 1].tool_calls else ("user",),
+                "tool": ("tool", "assistant"),
+            }[previous]
+            if message.role not in allowed:
                 raise TemplateError(
                     f"message {i} is from '{message.role}' but roles must alternate user/assistant, starting "
-                    "with user"
+                    "with user (tool results may only follow an assistant's tool call)"
                 )
+            if message.tool_calls and message.role != "assistant":
+                raise TemplateError(f"message {i} has tool calls but only assistant messages can make them")
+            previous = message.role
 
     def render(
         self, conversation: Conversation, add_generation_prompt: bool = False, tokenizer: Any = None
     ) -> list[Segment]:
         """Render the conversation; with ``add_generation_prompt`` end with the assistant's turn header."""
         raise NotImplementedError
+
+    def to_jinja(self) -> str | None:
+        """An equivalent Jinja chat template (saved with trained models), or ``None`` if there is none."""
+        return None
 
     def special_tokens(self, tokenizer: Any) -> dict[str, str]:
         """Values of the ``{bos_token}`` / ``{eos_token}`` placeholders: the tokenizer's, or empty strings."""
@@ -109,6 +193,7 @@ class Template:
 
 
 def _fill(pattern: str, content: str | None, specials: dict[str, str]) -> str:
+    # Placeholders are replaced one by one (not str.format): message text may contain braces.
     for key, value in specials.items():
         pattern = pattern.replace(key, value)
     return pattern.replace("{content}", content) if content is not None else pattern
@@ -118,62 +203,160 @@ def _fill(pattern: str, content: str | None, specials: dict[str, str]) -> str:
 class TurnTemplate(Template):
     """A template described by the text around each turn; covers most chat formats.
 
-    Each pattern may contain ``{content}`` (the message text), ``{bos_token}`` and ``{eos_token}``.
+    Each pattern may contain ``{content}`` (the message text), ``{bos_token}`` and ``{eos_token}`` (the
+    tokenizer's; a template of a model family writes the family's own strings instead).
 
     Attributes:
-        prefix: text at the very start (e.g. ``"{bos_token}"``).
-        system: the system turn; ``None`` when the family has no system prompt (a system prompt is then an
-            error, unless ``system_in_first_user`` is set).
+        prefix: text at the very start (e.g. ``"<s>"``).
+        system: the system turn; ``None`` when the family has no system turn.
+        system_in_first_user: when the family has no system turn, a pattern for the system prompt placed in
+            front of the first user message (e.g. Llama 2's ``<<SYS>>`` block); with neither, a system prompt
+            is an error.
+        system_outside_strip: the text from ``system_in_first_user`` is not stripped with the user's text.
         user: the user turn.
-        assistant_header: the text that opens an assistant turn (not trained; also the generation prompt).
-        assistant_end: the end-of-turn marker right after the assistant's text (trained: the model must learn
-            to stop).
-        assistant_trailer: text after the end-of-turn marker (not trained, e.g. a newline).
+        assistant_header: opens an assistant turn; not trained; also the generation prompt.
+        assistant: the trained part of an assistant turn: the text and the end-of-turn marker the model must
+            learn to stop with (e.g. ``"{content}<|im_end|>"``).
+        assistant_trailer: text after the trained part (not trained, e.g. a newline).
         default_system: system prompt used when the conversation has none.
         strip_content: strip whitespace around message text, as many families' own templates do.
+        strip_system: strip whitespace around the system prompt (default: as ``strip_content``).
+        content_replacements: ``[old, new]`` pairs applied to message text before stripping.
     """
 
     name: str = ""
     description: str = ""
     prefix: str = ""
     system: str | None = "{content}"
+    system_in_first_user: str | None = None
+    system_outside_strip: bool = False
     user: str = "{content}"
     assistant_header: str = ""
-    assistant_end: str = ""
+    assistant: str = "{content}"
     assistant_trailer: str = ""
     default_system: str | None = None
     strip_content: bool = False
+    strip_system: bool | None = None
+    content_replacements: tuple[tuple[str, str], ...] = ()
     stop_strings: tuple[str, ...] = field(default=())
+    system_note: str = ""
 
     def check(self, conversation: Conversation) -> None:
         super().check(conversation)
-        if conversation.system is not None and self.system is None:
+        if conversation.system is not None and self.system is None and self.system_in_first_user is None:
             raise TemplateError(
                 f"template '{self.name}' has no system prompt but the conversation has one",
                 "remove the system prompt or choose a template that supports one",
             )
+
+    def _clean(self, text: str) -> str:
+        for old, new in self.content_replacements:
+            text = text.replace(old, new)
+        return text.strip() if self.strip_content else text
+
+    def _system_text(self, text: str) -> str:
+        strip = self.strip_content if self.strip_system is None else self.strip_system
+        return text.strip() if strip else text
 
     def render(
         self, conversation: Conversation, add_generation_prompt: bool = False, tokenizer: Any = None
     ) -> list[Segment]:
         self.check(conversation)
         specials = self.special_tokens(tokenizer)
-        clean = (lambda s: s.strip()) if self.strip_content else (lambda s: s)
         segments = [Segment(_fill(self.prefix, None, specials))]
         system = conversation.system if conversation.system is not None else self.default_system
-        if system is not None and self.system is not None:
-            segments.append(Segment(_fill(self.system, clean(system), specials)))
+        first_user_prefix = None
+        if system is not None:
+            if self.system is not None:
+                segments.append(Segment(_fill(self.system, self._system_text(system), specials)))
+            else:
+                first_user_prefix = _fill(
+                    self.system_in_first_user or "", self._system_text(system), specials
+                )
         for message in conversation.messages:
             if message.role == "user":
-                segments.append(Segment(_fill(self.user, clean(message.content), specials)))
+                text = message.content
+                if first_user_prefix is not None and not self.system_outside_strip:
+                    text = self._clean(first_user_prefix + text)
+                elif first_user_prefix is not None:
+                    text = first_user_prefix + self._clean(text)
+                else:
+                    text = self._clean(text)
+                first_user_prefix = None
+                segments.append(Segment(_fill(self.user, text, specials)))
             else:
                 segments.append(Segment(_fill(self.assistant_header, None, specials)))
-                trained = clean(message.content) + _fill(self.assistant_end, None, specials)
-                segments.append(Segment(trained, trained=True))
+                segments.append(
+                    Segment(_fill(self.assistant, self._clean(message.content), specials), trained=True)
+                )
                 segments.append(Segment(_fill(self.assistant_trailer, None, specials)))
         if add_generation_prompt:
             segments.append(Segment(_fill(self.assistant_header, None, specials)))
         return [s for s in segments if s.text]
+
+    def to_jinja(self) -> str:
+        """A Jinja chat template that renders exactly what :meth:`render` does (for ``tokenizer_config``)."""
+
+        def literal(pattern: str, content: str | None = None) -> str:
+            parts = []
+            for piece in _split_placeholders(pattern):
+                if piece == "{content}":
+                    parts.append(content or "''")
+                elif piece in ("{bos_token}", "{eos_token}"):
+                    parts.append(piece[1:-1])
+                elif piece:
+                    parts.append(json.dumps(piece))
+            return " + ".join(parts) if parts else "''"
+
+        def clean(var: str) -> str:
+            expr = var
+            for old, new in self.content_replacements:
+                expr = f"{expr}.replace({json.dumps(old)}, {json.dumps(new)})"
+            return f"({expr} | trim)" if self.strip_content else expr
+
+        message_content = "message['content']"
+        strip_system = self.strip_content if self.strip_system is None else self.strip_system
+        sys_expr = "(system | trim)" if strip_system else "system"
+        default = json.dumps(self.default_system) if self.default_system is not None else "none"
+        lines = [
+            "{%- if messages and messages[0]['role'] == 'system' -%}",
+            "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
+            f"{{%- else -%}}{{%- set system = {default} -%}}{{%- set loop_messages = messages -%}}{{%- endif -%}}",
+            f"{{{{- {literal(self.prefix)} -}}}}",
+            "{%- set ns = namespace(first_user_prefix=none) -%}",
+            "{%- if system is not none -%}",
+        ]
+        if self.system is not None:
+            lines.append(f"{{{{- {literal(self.system, sys_expr)} -}}}}")
+        elif self.system_in_first_user is not None:
+            lines.append(
+                f"{{%- set ns.first_user_prefix = {literal(self.system_in_first_user, sys_expr)} -%}}"
+            )
+        else:
+            lines.append("{{- raise_exception('This template has no system prompt.') -}}")
+        lines += [
+            "{%- endif -%}",
+            "{%- for message in loop_messages -%}",
+            "{%- if message['role'] == 'user' -%}",
+            "{%- if ns.first_user_prefix is not none -%}",
+        ]
+        if self.system_outside_strip:
+            lines.append("{%- set text = ns.first_user_prefix + " + clean(message_content) + " -%}")
+        else:
+            lines.append("{%- set text = " + clean(f"(ns.first_user_prefix + {message_content})") + " -%}")
+        lines += [
+            "{%- set ns.first_user_prefix = none -%}",
+            "{%- else -%}{%- set text = " + clean(message_content) + " -%}{%- endif -%}",
+            f"{{{{- {literal(self.user, 'text')} -}}}}",
+            "{%- elif message['role'] == 'assistant' -%}",
+            f"{{{{- {literal(self.assistant_header)} -}}}}",
+            f"{{{{- {literal(self.assistant, clean(message_content))} -}}}}",
+            f"{{{{- {literal(self.assistant_trailer)} -}}}}",
+            "{%- else -%}{{- raise_exception('Unsupported role: ' + message['role']) -}}{%- endif -%}",
+            "{%- endfor -%}",
+            f"{{%- if add_generation_prompt -%}}{{{{- {literal(self.assistant_header)} -}}}}{{%- endif -%}}",
+        ]
+        return "".join(lines)
 
     @classmethod
     def from_file(cls, path: str | Path) -> TurnTemplate:
@@ -187,17 +370,57 @@ class TurnTemplate(Template):
             raise TemplateError(f"template file {path} cannot be read: {exc}", "fix the file") from exc
         if not isinstance(data, dict):
             raise TemplateError(f"template file {path} must be a mapping of field: value")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        return cls.from_mapping(data, str(path))
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], where: str) -> TurnTemplate:
+        """Build from a dict of fields, checking every field's type; errors name ``where`` and the field."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(names))
         if unknown:
             raise TemplateError(
-                f"template file {path} has unknown fields {', '.join(unknown)}",
+                f"template {where} has unknown fields {', '.join(unknown)}",
                 f"use only {', '.join(sorted(names))}",
             )
-        data.setdefault("name", str(path))
-        if "stop_strings" in data:
-            data["stop_strings"] = tuple(data["stop_strings"] or ())
-        return cls(**data)
+        values = dict(data)
+        values.setdefault("name", Path(where).stem)
+        for key, value in values.items():
+            kind = str(names[key].type)
+            if kind.startswith("bool"):
+                ok = isinstance(value, bool) or (value is None and "None" in kind)
+            elif kind.startswith("str"):
+                ok = isinstance(value, str) or (value is None and "None" in kind)
+            elif key == "stop_strings":
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+                values[key] = tuple(value) if ok else value
+            else:  # content_replacements
+                ok = isinstance(value, (list, tuple)) and all(
+                    isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                    for p in value
+                )
+                values[key] = tuple(tuple(p) for p in value) if ok else value
+            if not ok:
+                raise TemplateError(
+                    f"template {where}: field '{key}' must be {_describe(kind, key)}, got {value!r}",
+                    "fix the template file",
+                )
+        return cls(**values)
+
+
+def _describe(kind: str, key: str) -> str:
+    if key == "stop_strings":
+        return "a list of strings"
+    if key == "content_replacements":
+        return "a list of [old, new] string pairs"
+    base = "true or false" if kind.startswith("bool") else "a string"
+    return base + (" or null" if "None" in kind else "")
+
+
+def _split_placeholders(pattern: str) -> list[str]:
+    """``"a{content}b"`` -> ``["a", "{content}", "b"]`` (also ``{bos_token}``, ``{eos_token}``)."""
+    import re
+
+    return [p for p in re.split(r"(\{content\}|\{bos_token\}|\{eos_token\})", pattern) if p]
 
 
 def available_templates() -> dict[str, Template]:

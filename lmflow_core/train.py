@@ -239,6 +239,10 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     train_seconds = time.monotonic() - started
 
     # 5. Save, evaluate, record.
+    jinja = template.to_jinja() if template is not None else None
+    if jinja:
+        # Other tools (transformers' apply_chat_template, serving engines) then format chats exactly as trained.
+        tokenizer.chat_template = jinja
     _save_final(trainer, tokenizer, output_dir)
     model = trainer.model
     if trainer.is_world_process_zero():

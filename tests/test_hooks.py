@@ -509,7 +509,7 @@ def test_hook_register_templates_adds_a_template_usable_by_name(monkeypatch):
     from lmflow_core import plugins as plugins_module
     from lmflow_core.templates import available_templates, get_template
 
-    extra = TurnTemplate(name="bracket", user="[{content}]", assistant_end="!")
+    extra = TurnTemplate(name="bracket", user="[{content}]", assistant="{content}!")
     module = types.SimpleNamespace(register_templates=hookimpl(lambda: [extra]))
     real = plugins_module.load_catalog
 

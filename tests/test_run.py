@@ -202,7 +202,7 @@ def assert_clean_failure(result, code: int, *fragments: str):
         (
             ["--template", "chatmll"],
             2,
-            ["unknown template 'chatmll' (did you mean 'chatml'?)", "available: chatml"],
+            ["unknown template 'chatmll' (did you mean 'chatml'?)", "available: alpaca, ", " chatml, "],
         ),
         (["--plugins", "nosuch"], 2, ["unknown plugin 'nosuch'", "available: "]),
         (
@@ -441,3 +441,20 @@ def test_a_template_given_for_text_data_is_reported_unused(runner, tiny_llama, t
     )
     assert result.exit_code == 0, result.stderr
     assert "note: --template chatml is not used: text_only data" in result.output
+
+
+def test_the_saved_tokenizer_carries_the_training_template(tiny_llama, chat_data, tmp_path):
+    from lmflow_core.templates import Conversation, get_template, render_text
+
+    run(
+        model=str(tiny_llama),
+        dataset=str(chat_data),
+        template="llama3",
+        output_dir=str(tmp_path / "o"),
+        max_steps=1,
+        save_steps=0,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "o")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "}]
+    expected = render_text(get_template("llama3").render(Conversation.from_messages(messages), True))
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected

@@ -1,64 +1,424 @@
-"""Conversation templates: rendering, trained spans, template files, and the `lmflow templates` commands."""
+"""Conversation templates: parity with the models' published templates, loss masks, tools, the `tokenizer`
+template, the generated Jinja, template files, and the `lmflow templates` commands."""
 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
-from conftest import invoke
+from conftest import SHARED, invoke, write_json
 
 from lmflow_core.templates import (
     Conversation,
     Message,
     TemplateError,
+    ToolCall,
     TurnTemplate,
+    _fill,
+    available_templates,
     get_template,
     labels_from_offsets,
     render_text,
+    tojson,
     trained_spans,
 )
 
+REFERENCE = SHARED / "chat_templates" / "chat_templates"
+# Our template -> (published template, the family's BOS and EOS strings)
+FAMILIES = {
+    "alpaca": ("alpaca.jinja", "<s>", "</s>"),
+    "amberchat": ("amberchat.jinja", "<s>", "</s>"),
+    "chatml": ("chatml.jinja", "", "<|im_end|>"),
+    "chatqa": ("chatqa.jinja", "<|begin_of_text|>", "<|end_of_text|>"),
+    "falcon": ("falcon-instruct.jinja", "", "<|endoftext|>"),
+    "gemma": ("gemma-it.jinja", "<bos>", "<eos>"),
+    "granite": ("granite-3.0-instruct.jinja", "", "<|end_of_text|>"),
+    "llama2": ("llama-2-chat.jinja", "<s>", "</s>"),
+    "llama3": ("llama-3-instruct.jinja", "<|begin_of_text|>", "<|end_of_text|>"),
+    "mistral": ("mistral-instruct.jinja", "<s>", "</s>"),
+    "openchat": ("openchat-3.5.jinja", "<s>", "</s>"),
+    "phi3": ("phi-3.jinja", "<s>", "<|endoftext|>"),
+    "phi3_small": ("phi-3-small.jinja", "<|endoftext|>", "<|endoftext|>"),
+    "qwen2_5": ("qwen2.5-instruct.jinja", "", "<|im_end|>"),
+    "saiga": ("saiga.jinja", "<s>", "</s>"),
+    "solar": ("solar-instruct.jinja", "<s>", "</s>"),
+    "vicuna": ("vicuna.jinja", "<s>", "</s>"),
+    "zephyr": ("zephyr.jinja", "<s>", "</s>"),
+}
+CONVERSATIONS_PER_FAMILY = 400
 
-def test_chatml_renders_the_generation_prompt():
-    template = get_template("chatml")
-    conversation = Conversation([Message("user", " Hi ")], system="Be kind.")
-    text = render_text(template.render(conversation, add_generation_prompt=True))
-    assert (
-        text
-        == "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    )
+needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference is not present")
 
 
-def test_trained_spans_cover_assistant_text_and_end_marker():
-    template = get_template("chatml")
+def reference_template(file: str):
+    """Compile a published template the way ../shared/reference/README.md says (what transformers does)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    text = (REFERENCE / file).read_text(encoding="utf-8")
+    if file != "qwen2.5-instruct.jinja":
+        text = text.replace("    ", "").replace("\n", "")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def tojson_filter(value, indent=None):  # transformers' tojson: no key sorting, no HTML escaping
+        return json.dumps(value, ensure_ascii=False, indent=indent)
+
+    env.filters["tojson"] = tojson_filter
+    return env.from_string(text)
+
+
+def raise_exception(message):
+    raise TemplateError(message)
+
+
+TEXTS = [
+    "Hello!",
+    "What is 2 + 2?",
+    "  leading spaces",
+    "trailing spaces   ",
+    "\nnewline around\n",
+    "",
+    " ",
+    "\t\n",
+    "unicode: héllo wörld, 你好, Привет, 🙂",
+    "braces {content} {{not jinja}} {bos_token}",
+    "two\n\nparagraphs",
+    "windows\r\nline\r\n\r\nends",
+    "quotes ' \" and \\ backslashes",
+    "<s> looks like a token </s>",
+    "a long answer " * 20,
+    "ends with newline\n",
+    "   \u00a0nbsp\u00a0  ",
+]
+SYSTEMS = [
+    None,
+    None,
+    "You are a helpful assistant.",
+    "  Be brief.  ",
+    "",
+    "System\nwith lines",
+    "システム 🙂",
+]
+
+
+def random_conversation(rng: random.Random) -> tuple[Conversation, bool]:
+    """A conversation of 1-4 exchanges; ends with a user turn (then often prompted) or an assistant turn."""
+    messages = []
+    for _ in range(rng.randint(1, 4)):
+        messages += [Message("user", rng.choice(TEXTS)), Message("assistant", rng.choice(TEXTS))]
+    if rng.random() < 0.4:
+        messages.append(Message("user", rng.choice(TEXTS)))
+    return Conversation(messages, rng.choice(SYSTEMS)), rng.random() < 0.5
+
+
+def as_reference_messages(conversation: Conversation) -> list[dict]:
+    return conversation.to_dicts()
+
+
+@needs_reference
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_rendering_equals_the_published_template_on_many_conversations(name):
+    file, bos, eos = FAMILIES[name]
+    reference = reference_template(file)
+    template = get_template(name)
+    rng = random.Random(name)
+    checked = 0
+    for _ in range(CONVERSATIONS_PER_FAMILY):
+        conversation, prompt = random_conversation(rng)
+        expected = reference.render(
+            messages=as_reference_messages(conversation),
+            add_generation_prompt=prompt,
+            bos_token=bos,
+            eos_token=eos,
+            raise_exception=raise_exception,
+        )
+        assert render_text(template.render(conversation, prompt)) == expected, (conversation, prompt)
+        checked += 1
+    assert checked == CONVERSATIONS_PER_FAMILY
+
+
+@needs_reference
+def test_qwen2_5_tool_calls_equal_the_published_template():
+    reference = reference_template("qwen2.5-instruct.jinja")
+    template = get_template("qwen2_5")
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city.",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        },
+        {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}},
+    ]
+    rng = random.Random(7)
+    for _ in range(150):
+        messages = [Message("user", rng.choice(TEXTS))]
+        calls = tuple(
+            ToolCall(
+                rng.choice(["get_weather", "add"]),
+                {"city": rng.choice(["Paris", "東京"]), "n": rng.randint(0, 9)},
+            )
+            for _ in range(rng.randint(1, 3))
+        )
+        messages.append(Message("assistant", rng.choice(["", "Let me check."]), calls))
+        messages += [Message("tool", json.dumps({"result": i})) for i in range(len(calls))]
+        messages.append(Message("assistant", rng.choice(TEXTS)))
+        conversation = Conversation(
+            messages, rng.choice([None, "Be exact."]), tools if rng.random() < 0.8 else None
+        )
+        prompt = rng.random() < 0.5
+        expected = reference.render(
+            messages=conversation.to_dicts(),
+            tools=conversation.tools,
+            add_generation_prompt=prompt,
+            bos_token="",
+            eos_token="<|im_end|>",
+        )
+        assert render_text(template.render(conversation, prompt)) == expected
+
+
+@needs_reference
+def test_granite_tool_calls_equal_the_published_template():
+    reference = reference_template("granite-3.0-instruct.jinja")
+    template = get_template("granite")
+    tools = [{"name": "get_weather", "parameters": {"city": {"type": "string"}}}]
+    rng = random.Random(11)
+    for _ in range(100):
+        call = ToolCall("get_weather", {"city": rng.choice(["Oslo", "Zürich"])})
+        content = rng.choice(["", "I will look it up."])
+        ours = [
+            Message("user", rng.choice(TEXTS)),
+            Message("assistant", content, (call,)),
+            Message("tool", '{"temp": 3}'),
+            Message("assistant", rng.choice(TEXTS)),
+        ]
+        theirs = [{"role": "user", "content": ours[0].content}]
+        if content:
+            theirs.append({"role": "assistant", "content": content})
+        theirs += [
+            {
+                "role": "assistant_tool_call",
+                "content": tojson([{"name": call.name, "arguments": call.arguments}]),
+            },
+            {"role": "tool_response", "content": '{"temp": 3}'},
+            {"role": "assistant", "content": ours[3].content},
+        ]
+        system = rng.choice([None, "Knowledge cutoff: 2024."])
+        if system is not None:
+            theirs.insert(0, {"role": "system", "content": system})
+        expected = reference.render(messages=theirs, tools=tools, add_generation_prompt=False)
+        assert render_text(template.render(Conversation(ours, system, tools))) == expected
+
+
+# ---- loss masks -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, t in available_templates().items() if isinstance(t, TurnTemplate))
+)
+def test_only_assistant_text_and_its_end_marker_are_trained(name):
+    template = get_template(name)
+    rng = random.Random(name)
+    for _ in range(100):
+        conversation, prompt = random_conversation(rng)
+        if (
+            conversation.system is not None
+            and template.system is None
+            and template.system_in_first_user is None
+        ):
+            continue
+        segments = template.render(conversation, prompt)
+        text = render_text(segments)
+        trained = [text[a:b] for a, b in trained_spans(segments)]
+        assistants = [m for m in conversation.messages if m.role == "assistant"]
+        specials = template.special_tokens(None)
+        expected = [_fill(template.assistant, template._clean(m.content), specials) for m in assistants]
+        assert "".join(trained) == "".join(expected)
+        # The end-of-turn marker (the text after the content in the trained pattern) is always trained.
+        marker = _fill(template.assistant.split("{content}")[1], None, specials)
+        if marker.strip():
+            assert all(piece.endswith(marker) for piece in trained)
+        # Nothing of a user message or the system prompt is trained.
+        for piece in trained:
+            assert template.user.split("{content}")[0] not in piece or not template.user.split("{content}")[0]
+
+
+def test_qwen3_keeps_reasoning_only_after_the_last_user_query():
+    template = get_template("qwen3")
     conversation = Conversation.from_messages(
-        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+            {"role": "user", "content": "3+3?"},
+            {"role": "assistant", "content": "<think>\nadd again\n</think>\n\n6"},
+        ]
     )
     segments = template.render(conversation)
+    assert render_text(segments) == (
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+        "<|im_start|>user\n3+3?<|im_end|>\n<|im_start|>assistant\n<think>\nadd again\n</think>\n\n6<|im_end|>\n"
+    )
     text = render_text(segments)
-    [(start, end)] = trained_spans(segments)
-    assert text[start:end] == "b<|im_end|>"
+    assert [text[a:b] for a, b in trained_spans(segments)] == [
+        "4<|im_end|>",
+        "<think>\nadd again\n</think>\n\n6<|im_end|>",
+    ]
+    # A final answer without reasoning gets an empty think block: trained with qwen3, part of the prompt with
+    # qwen3_no_think (whose generation prompt holds the same block).
+    plain = Conversation.from_messages(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    )
+    thinking = template.render(plain)
+    assert render_text(thinking).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nHello<|im_end|>\n")
+    assert [s.text for s in thinking if s.trained] == ["<think>\n\n</think>\n\nHello<|im_end|>"]
+    no_think = get_template("qwen3_no_think")
+    assert render_text(no_think.render(plain)) == render_text(thinking)
+    assert [s.text for s in no_think.render(plain) if s.trained] == ["Hello<|im_end|>"]
+    prompt = Conversation.from_messages([{"role": "user", "content": "Hi"}])
+    assert render_text(no_think.render(prompt, True)).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    assert render_text(template.render(prompt, True)).endswith("<|im_start|>assistant\n")
 
 
-def test_labels_from_offsets_marks_tokens_that_overlap_a_span():
-    ids = [10, 11, 12, 13]
-    offsets = [(0, 3), (3, 6), (6, 9), (9, 12)]
-    assert labels_from_offsets(ids, offsets, [(4, 7)]) == [-100, 11, 12, -100]
-    assert labels_from_offsets(ids, offsets, [(0, 3), (9, 12)]) == [10, -100, -100, 13]
+def test_tool_calls_are_trained_and_tool_results_are_not():
+    template = get_template("qwen2_5")
+    conversation = Conversation.from_messages(
+        [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+                ],
+            },
+            {"role": "tool", "content": '{"temp": -3}'},
+            {"role": "assistant", "content": "It is -3 degrees."},
+        ],
+        tools=[{"name": "weather"}],
+    )
+    segments = template.render(conversation)
+    trained = [s.text for s in segments if s.trained]
+    assert trained == [
+        '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>',
+        "It is -3 degrees.<|im_end|>",
+    ]
+    assert not any("temp" in t for t in trained)
 
 
-def test_empty_template_ends_assistant_turns_with_the_tokenizer_eos():
+def test_token_labels_with_the_real_llama2_tokenizer(tmp_path):
+    """On the LLaMA-2 SentencePiece tokenizer: trained tokens are the answer and </s>, nothing else."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lmflow_core.templates import encode_segments
+
+    source = SHARED / "llama2_tokenizer" / "tokenizer.model"
+    if not source.is_file():
+        pytest.skip("../shared/reference/llama2_tokenizer is not present")
+    shutil.copy(source, tmp_path / "tokenizer.model")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, legacy=False)
+    template = get_template("llama2")
+    conversation = Conversation.from_messages(
+        [
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello, friend!"},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+        ],
+        system="Be kind.",
+    )
+    segments = template.render(conversation)
+    [ids], [labels] = encode_segments(tokenizer, [segments])
+    assert ids.count(tokenizer.bos_token_id) == 2 and ids.count(tokenizer.eos_token_id) == 2
+    trained = tokenizer.decode([token for token, label in zip(ids, labels) if label != -100])
+    assert trained.replace(" ", "") == "Hello,friend!</s>Goodbye.</s>"
+    assert all(label == -100 for token, label in zip(ids, labels) if token == tokenizer.bos_token_id)
+    assert all(label != -100 for token, label in zip(ids, labels) if token == tokenizer.eos_token_id)
+
+
+# ---- the `tokenizer` template -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
     from transformers import AutoTokenizer
 
     from lmflow_core.demo import demo_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
-    segments = get_template("empty").render(
-        Conversation.from_messages([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]),
-        False,
-        tokenizer,
+    tokenizer.chat_template = get_template("chatml").to_jinja()
+    return tokenizer
+
+
+def test_tokenizer_template_finds_the_same_masks_as_the_named_template(chat_tokenizer):
+    ours, theirs = get_template("chatml"), get_template("tokenizer")
+    rng = random.Random(3)
+    for _ in range(100):
+        conversation, prompt = random_conversation(rng)
+        expected = ours.render(conversation, prompt, chat_tokenizer)
+        got = theirs.render(conversation, prompt, chat_tokenizer)
+        assert render_text(got) == render_text(expected)
+        text = render_text(got)
+        assert [text[a:b] for a, b in trained_spans(got)] == [text[a:b] for a, b in trained_spans(expected)]
+
+
+def test_tokenizer_template_refuses_masks_it_cannot_determine(chat_tokenizer):
+    conversation = Conversation.from_messages(
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ]
     )
-    assert render_text(segments) == "QA<|im_end|>"
+    # A template that rewrites earlier turns as the conversation grows (here: a message count up front).
+    chat_tokenizer.chat_template = (
+        "{{ messages|length }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    )
+    with pytest.raises(TemplateError, match="masks of the tokenizer's chat template cannot be determined"):
+        get_template("tokenizer").render(conversation, False, chat_tokenizer)
+    # A template that drops assistant text leaves nothing to train.
+    chat_tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(TemplateError, match="renders message 1 as empty"):
+        get_template("tokenizer").render(conversation, False, chat_tokenizer)
+    chat_tokenizer.chat_template = None
+    with pytest.raises(TemplateError, match="needs a tokenizer with a chat template"):
+        get_template("tokenizer").render(conversation, False, chat_tokenizer)
+    chat_tokenizer.chat_template = get_template("chatml").to_jinja()
+
+
+# ---- generated Jinja ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, t in available_templates().items() if isinstance(t, TurnTemplate))
+)
+def test_generated_jinja_renders_exactly_like_the_template(name, chat_tokenizer):
+    template = get_template(name)
+    tokenizer = chat_tokenizer
+    tokenizer.bos_token = "<|endoftext|>"  # a tokenizer with both special tokens, for {bos_token}/{eos_token}
+    jinja = template.to_jinja()
+    rng = random.Random(name + "jinja")
+    for _ in range(60):
+        conversation, prompt = random_conversation(rng)
+        try:
+            expected = render_text(template.render(conversation, prompt, tokenizer))
+        except TemplateError:
+            continue
+        got = tokenizer.apply_chat_template(
+            conversation.to_dicts(), chat_template=jinja, tokenize=False, add_generation_prompt=prompt
+        )
+        assert got == expected, (conversation, prompt)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -67,7 +427,11 @@ def test_empty_template_ends_assistant_turns_with_the_tokenizer_eos():
         ([], "has no messages"),
         ([{"role": "assistant", "content": "x"}], "roles must alternate"),
         ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], "roles must alternate"),
-        ([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}], "has role 'tool'"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}],
+            "has no format for tool calls",
+        ),
+        ([{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}], "has role 'robot'"),
     ],
 )
 def test_bad_conversations_are_errors(messages, message):
@@ -75,14 +439,61 @@ def test_bad_conversations_are_errors(messages, message):
         get_template("chatml").render(Conversation.from_messages(messages))
 
 
+def test_a_tool_result_must_follow_a_tool_call():
+    conversation = Conversation.from_messages(
+        [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "y"},
+            {"role": "tool", "content": "z"},
+        ]
+    )
+    with pytest.raises(TemplateError, match="tool results may only follow an assistant's tool call"):
+        get_template("qwen2_5").render(conversation)
+
+
+def test_dataset_record_errors_name_the_record(tmp_path):
+    from lmflow_core.data import load_raw_dataset
+    from lmflow_core.errors import DataError
+
+    records = [
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "c"},
+            ]
+        },
+    ]
+    with pytest.raises(
+        DataError, match=r"c\.json: record 1: message 1 is from 'user' but roles must alternate"
+    ):
+        load_raw_dataset(write_json(tmp_path / "c.json", records), get_template("llama3"))
+    tools = [
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {}}]},
+                {"role": "tool", "content": "r"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+    ]
+    with pytest.raises(DataError, match=r"record 0: template 'llama3' has no format for tool calls"):
+        load_raw_dataset(write_json(tmp_path / "t.json", tools), get_template("llama3"))
+    assert len(load_raw_dataset(tmp_path / "t.json", get_template("qwen3"))) == 1
+
+
 def test_template_from_a_yaml_file(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text(
-        'name: mine\nuser: "U: {content}\\n"\nassistant_header: "A: "\nassistant_end: "</s>"\n'
-        'assistant_trailer: "\\n"\nsystem: null\n'
+        'name: mine\nuser: "U: {content}\\n"\nassistant_header: "A:"\nassistant: " {content}</s>"\n'
+        'assistant_trailer: "\\n"\nsystem: null\nstop_strings: ["</s>"]\n'
     )
     template = get_template(str(path))
-    assert isinstance(template, TurnTemplate) and template.name == "mine"
+    assert (
+        isinstance(template, TurnTemplate) and template.name == "mine" and template.stop_strings == ("</s>",)
+    )
     conversation = Conversation.from_messages(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     )
@@ -92,6 +503,12 @@ def test_template_from_a_yaml_file(tmp_path):
     path.write_text("name: mine\nusr: x\n")
     with pytest.raises(TemplateError, match="unknown fields usr"):
         get_template(str(path))
+    path.write_text("user: 5\n")
+    with pytest.raises(TemplateError, match=r"field 'user' must be a string, got 5"):
+        get_template(str(path))
+    path.write_text("stop_strings: </s>\n")
+    with pytest.raises(TemplateError, match=r"field 'stop_strings' must be a list of strings"):
+        get_template(str(path))
 
 
 def test_unknown_template_suggests_a_close_name():
@@ -99,16 +516,135 @@ def test_unknown_template_suggests_a_close_name():
         get_template("chtml")
 
 
+def test_labels_from_offsets_marks_tokens_that_overlap_a_span():
+    ids = [10, 11, 12, 13]
+    offsets = [(0, 3), (3, 6), (6, 9), (9, 12)]
+    assert labels_from_offsets(ids, offsets, [(4, 7)]) == [-100, 11, 12, -100]
+    assert labels_from_offsets(ids, offsets, [(0, 3), (9, 12)]) == [10, -100, -100, 13]
+
+
+def test_every_requested_family_is_built_in():
+    wanted = {
+        "llama2",
+        "llama3",
+        "chatml",
+        "qwen2",
+        "qwen2_5",
+        "qwen3",
+        "phi3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "mistral",
+        "zephyr",
+        "vicuna",
+        "alpaca",
+        "deepseek",
+        "deepseek_v2",
+        "yi",
+        "internlm2",
+        "chatglm3",
+        "falcon",
+        "openchat",
+        "solar",
+        "granite",
+        "empty",
+        "tokenizer",
+    }
+    assert wanted <= set(available_templates())
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        (
+            "deepseek",
+            "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>Hello<｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜>",
+        ),
+        (
+            "deepseek_v2",
+            "<｜begin▁of▁sentence｜>Be brief.\n\nUser: Hi\n\nAssistant: Hello<｜end▁of▁sentence｜>User: Bye\n\nAssistant:",
+        ),
+        (
+            "chatglm3",
+            "[gMASK]sop<|system|>\n Be brief.<|user|>\n Hi<|assistant|>\n Hello<|user|>\n Bye<|assistant|>",
+        ),
+        (
+            "internlm2",
+            "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+        ),
+        (
+            "qwen2",
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+        ),
+        (
+            "gemma3",
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n",
+        ),
+    ],
+)
+def test_families_without_a_published_reference_render_their_documented_format(name, text):
+    conversation = Conversation.from_messages(
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"},
+        ],
+        system="Be brief.",
+    )
+    assert render_text(get_template(name).render(conversation, True)) == text
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------------
+
+
 def test_templates_cli_list_show_render(runner, tmp_path):
     listed = invoke(runner, "templates", "list").output
-    assert "chatml" in listed and "empty" in listed
+    assert "chatml" in listed and "llama3" in listed and "tokenizer" in listed
     shown = invoke(runner, "templates", "show", "chatml").output
     assert "<|im_start|>assistant\n[[2 plus 2 is 4.<|im_end|>]]\n" in shown
+    gemma = invoke(runner, "templates", "show", "gemma").output
+    assert "no system turn: the system prompt is put in front of the first user message" in gemma
     messages = tmp_path / "m.json"
     messages.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
     rendered = invoke(
-        runner, "templates", "render", "chatml", "--messages", messages, "--add-generation-prompt"
+        runner, "templates", "render", "llama3", "--messages", messages, "--add-generation-prompt"
     )
-    assert rendered.output == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert rendered.output == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     bad = invoke(runner, "templates", "render", "nope", "--messages", messages)
     assert bad.exit_code == 2 and "unknown template 'nope'" in bad.stderr
+    messages.write_text(json.dumps([{"role": "assistant", "content": "first"}]))
+    bad = invoke(runner, "templates", "render", "chatml", "--messages", messages)
+    assert bad.exit_code == 2 and "roles must alternate" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_templates_render_with_tools_and_the_tokenizer_template(runner, tmp_path, tiny_llama):
+    conversation = tmp_path / "c.json"
+    conversation.write_text(
+        json.dumps(
+            {
+                "tools": [{"name": "f"}],
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [{"name": "f", "arguments": {"x": 1}}],
+                    },
+                ],
+            }
+        )
+    )
+    rendered = invoke(runner, "templates", "render", "qwen3", "--messages", conversation).output
+    assert rendered.endswith(
+        '<|im_start|>assistant\n<think>\n\n</think>\n\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>\n'
+    )
+    plain = tmp_path / "p.json"
+    plain.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
+    missing = invoke(
+        runner, "templates", "render", "tokenizer", "--messages", plain, "--tokenizer", tiny_llama
+    )
+    assert missing.exit_code == 2 and "has none" in missing.stderr

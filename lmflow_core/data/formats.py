@@ -115,7 +115,9 @@ def load_raw_dataset(
                 dataset.converted[ALPACA] += 1
             if template is not None and dataset.type == "conversation":
                 try:
-                    template.check(Conversation.from_messages(record["messages"], record["system"]))
+                    template.check(
+                        Conversation.from_messages(record["messages"], record["system"], record.get("tools"))
+                    )
                 except TemplateError as exc:
                     raise DataError(
                         f"{where}: {exc.message}", exc.hint or "fix the record or choose another --template"
@@ -225,6 +227,11 @@ def _string(item: dict[str, Any], key: str, where: str, allow_empty: bool) -> st
 
 
 def _conversation(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A conversation record: system prompt, messages (tool calls and results included) and tools.
+
+    Tool calls and tool definitions are stored as JSON text, so that records with different tool schemas
+    fit in one dataset table.
+    """
     messages = item.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
@@ -233,13 +240,26 @@ def _conversation(item: dict[str, Any], where: str) -> dict[str, Any]:
         raise DataError(f'{where}: "system" must be a string, got {type(system).__name__}')
     clean = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        if (
+            not isinstance(message, dict)
+            or "role" not in message
+            or ("content" not in message and "tool_calls" not in message)
+        ):
             raise DataError(f'{where}: message {i} must be an object with "role" and "content"')
-        role, content = message["role"], message["content"]
-        if role not in ("system", "user", "assistant"):
+        role, content = message["role"], message.get("content")
+        if role not in ("system", "user", "assistant", "tool"):
             raise DataError(
-                f"{where}: message {i} has unknown role {role!r}; expected user, assistant or system"
+                f"{where}: message {i} has unknown role {role!r}; expected user, assistant, system or tool"
             )
+        calls = message.get("tool_calls")
+        if calls is not None:
+            calls = _tool_calls(calls, f"{where}: message {i}")
+            if role != "assistant":
+                raise DataError(
+                    f"{where}: message {i} has tool calls but only assistant messages can make them"
+                )
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise DataError(f"{where}: message {i} content must be a string, got {type(content).__name__}")
         if role == "system":
@@ -249,9 +269,39 @@ def _conversation(item: dict[str, Any], where: str) -> dict[str, Any]:
                 )
             system = content
             continue
-        clean.append({"role": role, "content": content})
+        entry = {"role": role, "content": content}
+        if calls:
+            entry["tool_calls"] = json.dumps(calls, ensure_ascii=False)
+        clean.append(entry)
     if not any(m["role"] == "assistant" for m in clean):
         raise DataError(
             f"{where} has no assistant message, so nothing in it would be trained", "remove the record"
         )
-    return {"system": system, "messages": clean}
+    record: dict[str, Any] = {"system": system, "messages": clean}
+    tools = item.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise DataError(f'{where}: "tools" must be a list of function definitions (JSON objects)')
+        record["tools"] = json.dumps(tools, ensure_ascii=False)
+    return record
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """Check OpenAI-style tool calls; returns ``[{"name", "arguments"}]`` with arguments parsed from JSON text."""
+    if not isinstance(calls, list):
+        raise DataError(f'{where}: "tool_calls" must be a list')
+    out = []
+    for n, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f'{where}: tool call {n} needs a "name" (or "function": {{"name", "arguments"}})')
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError as exc:
+                raise DataError(
+                    f"{where}: tool call {n} has arguments that are not valid JSON ({exc})"
+                ) from exc
+        out.append({"name": function["name"], "arguments": arguments})
+    return out

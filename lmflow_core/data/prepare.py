@@ -30,7 +30,7 @@ from .formats import RawDataset
 
 CACHE_FORMAT = "lmflow-data-v2"  # bump when tokenization changes, so old caches are not reused
 IGNORE_INDEX = -100
-TEXT_FIELDS = ("text", "input", "output", "system", "messages")
+TEXT_FIELDS = ("text", "input", "output", "system", "messages", "tools")
 
 
 @dataclass
@@ -104,9 +104,10 @@ def tokenize_dataset(
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         if raw.type == "conversation":
+            tools = batch.get("tools") or [None] * len(batch["messages"])
             rendered = [
-                render(template, Conversation.from_messages(messages, system))
-                for messages, system in zip(batch["messages"], batch["system"])
+                render(template, Conversation.from_messages(messages, system, tool_list))
+                for messages, system, tool_list in zip(batch["messages"], batch["system"], tools)
             ]
             ids, labels = encode_segments(tokenizer, rendered)
         elif raw.type == "text2text":

@@ -1,7 +1,8 @@
-"""The separately installable example plugin: pip install it, then `lmflow run --plugins csv_logger`."""
+"""The separately installable example plugins: pip install each, then use it from `lmflow run`."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import subprocess
@@ -11,27 +12,27 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-EXAMPLE = REPO / "examples" / "lmflow-csv-logger"
-
-
 LMFLOW = Path(sys.executable).with_name("lmflow")  # the console script of this environment
 
 
-@pytest.fixture(scope="module")
-def installed_example():
-    """pip install the example package, as a user would; uninstall it after unless it was there before."""
+@contextlib.contextmanager
+def installed(package: str):
+    """pip install examples/<package>, as a user would; uninstall it after unless it was there before."""
     pip = [sys.executable, "-m", "pip"]
-    present = (
-        subprocess.run([*pip, "show", "--quiet", "lmflow-csv-logger"], capture_output=True).returncode == 0
-    )
-    subprocess.run(
-        [*pip, "install", "--quiet", "--no-deps", "--no-build-isolation", str(EXAMPLE)], check=True
-    )
+    present = subprocess.run([*pip, "show", "--quiet", package], capture_output=True).returncode == 0
+    source = REPO / "examples" / package
+    subprocess.run([*pip, "install", "--quiet", "--no-deps", "--no-build-isolation", str(source)], check=True)
     try:
         yield
     finally:
         if not present:
-            subprocess.run([*pip, "uninstall", "--quiet", "--yes", "lmflow-csv-logger"], check=True)
+            subprocess.run([*pip, "uninstall", "--quiet", "--yes", package], check=True)
+
+
+@pytest.fixture(scope="module")
+def installed_example():
+    with installed("lmflow-csv-logger"):
+        yield
 
 
 def lmflow(*args: str) -> subprocess.CompletedProcess:
@@ -92,3 +93,41 @@ def test_installed_plugin_is_listed_and_its_hook_runs(installed_example, tiny_ll
         tmp_path,
     )
     assert bad.returncode == 2 and bad.stderr.strip().endswith("is a directory; give a file name")
+
+
+@pytest.mark.slow
+def test_an_installed_template_plugin_trains_with_its_template(tiny_llama, chat_data, tmp_path):
+    with installed("lmflow-acme-template"):
+        listed = lmflow("templates", "list").stdout
+        assert "acme" in listed and "ACME in-house chat format" in listed
+        shown = lmflow("templates", "show", "acme").stdout
+        assert "<|acme:assistant|>[[2 plus 2 is 4.<|acme:end|>]]" in shown
+        out = tmp_path / "out"
+        result = lmflow(
+            "run",
+            "--model",
+            tiny_llama,
+            "--dataset",
+            chat_data,
+            "--template",
+            "acme",
+            "--output-dir",
+            out,
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "0",
+        )
+        assert result.returncode == 0, result.stderr
+        assert "template: acme" in result.stdout
+        record = json.loads((out / "lmflow_run.json").read_text())
+        assert record["template"] == "acme"
+
+    from transformers import AutoTokenizer
+
+    # The trained model carries the format even where the plugin is not installed.
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text.endswith("<|acme:user|>Hi<|acme:end|>\n<|acme:assistant|>")
