@@ -152,8 +152,8 @@ def _scan_values(args: list[str], flag: str) -> list[str]:
     return values
 
 
-class RunCommand(click.Command):
-    """``lmflow run``: core flags from :class:`RunConfig`, plus the flags of the selected plugins."""
+class PluginCommand(click.Command):
+    """A command with ``--plugins``: the flags of the named plugins are added, in their own help section."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if "--debug" in args:  # plugins load while arguments are parsed, before click sees --debug
@@ -176,6 +176,21 @@ class RunCommand(click.Command):
                 formatter.write_dl(records)
 
 
+def given(ctx: click.Context, name: str | None) -> bool:
+    """Whether the option was given on the command line (not a default)."""
+    return name is not None and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
+def plugin_values(ctx: click.Context, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The plugin flags given on the command line: ``{plugin: {option: value}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for param in ctx.meta.get(PLUGIN_PARAMS_KEY, []):
+        if param.name in values and given(ctx, param.name):
+            plugin, option = param.lmflow_plugin
+            out.setdefault(plugin, {})[option] = values[param.name]
+    return out
+
+
 def _run_params() -> list[click.Parameter]:
     params: list[click.Parameter] = [
         click.Option(
@@ -193,24 +208,16 @@ def _run_callback(config_file: str | None, **values: Any) -> None:
     from .train import configure, execute
 
     ctx = click.get_current_context()
-    flags: dict[str, Any] = {}
+    flags: dict[str, Any] = plugin_values(ctx, values)
     for param in ctx.command.get_params(ctx):
-        if (
-            param.name not in values
-            or ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE
-        ):
-            continue
-        value = values[param.name]
-        if hasattr(param, "lmflow_plugin"):
-            plugin, option = param.lmflow_plugin
-            flags.setdefault(plugin, {})[option] = value
-        elif hasattr(param, "lmflow_field"):
+        if hasattr(param, "lmflow_field") and given(ctx, param.name):
+            value = values[param.name]
             flags[param.lmflow_field] = list(value) if isinstance(value, tuple) else value
     config, plugins = configure(config_file=config_file, **flags)
     execute(config, plugins)
 
 
-run_command = RunCommand(
+run_command = PluginCommand(
     "run",
     callback=_run_callback,
     params=[
@@ -517,6 +524,8 @@ def main() -> None:
     _register_plugin_commands()
     cli(prog_name="lmflow")
 
+
+from . import cli_inference  # noqa: E402,F401  (registers generate, chat, serve, evaluate)
 
 if __name__ == "__main__":
     main()

@@ -145,6 +145,12 @@ class RunConfig:
         "Checkpoints and logging",
         min=1,
     )
+    eval_stride: int | None = opt(
+        None,
+        "When scoring texts longer than the block size, slide the window by this many tokens (default: half).",
+        "Checkpoints and logging",
+        min=1,
+    )
     report_to: str = opt(
         "none",
         "Experiment trackers for transformers (e.g. tensorboard, wandb) or none.",

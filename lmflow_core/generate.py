@@ -1,12 +1,15 @@
-"""Decoding, shared by run samples and the inference commands.
+"""Decoding, shared by run samples and the inference commands (generate, chat, serve).
 
 Generation always goes through the ``decode`` hook (the core default calls ``model.generate``), and prompts for
 conversations always go through the ``format_conversation`` hook with the generation prompt appended, so a model
-is prompted exactly in the format it was trained on.
+is prompted exactly in the format it was trained on. Text is cut at the template's end-of-turn markers and at
+the caller's stop strings, also while it streams: a stop string is never shown, not even in part.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +23,14 @@ class GenerationOptions:
     Attributes:
         max_new_tokens: most tokens to generate.
         greedy: pick the most likely token each step; otherwise sample.
-        temperature, top_k, top_p: sampling controls (ignored when greedy).
+        temperature, top_k, top_p: sampling controls (ignored when greedy; top_k 0 and top_p 1 disable them).
         repetition_penalty: >1 discourages repeating tokens.
         stop_strings: stop when any of these appears (the template's end-of-turn markers are added).
         seed: seed for sampling, for reproducible outputs.
+        stats: filled by the decoder with figures worth reporting (e.g. a draft model's acceptance rate).
     """
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = 256
     greedy: bool = True
     temperature: float = 1.0
     top_k: int = 50
@@ -34,6 +38,7 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     stop_strings: tuple[str, ...] = field(default=())
     seed: int | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
         """Keyword arguments for ``model.generate``."""
@@ -46,7 +51,7 @@ class GenerationOptions:
             else tokenizer.eos_token_id,
         }
         if not self.greedy:
-            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+            kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
         else:
             # Neutral values so a model's generation_config (e.g. temperature=0.6) does not warn in greedy mode.
             kwargs.update(temperature=None, top_k=None, top_p=None)
@@ -56,9 +61,101 @@ class GenerationOptions:
             kwargs.update(stop_strings=list(self.stop_strings), tokenizer=tokenizer)
         return kwargs
 
+    def with_stops(self, stops: tuple[str, ...]) -> GenerationOptions:
+        """A copy with more stop strings (duplicates dropped, order kept)."""
+        merged = tuple(dict.fromkeys((*self.stop_strings, *stops)))
+        return GenerationOptions(**{**self.__dict__, "stop_strings": merged, "stats": self.stats})
+
+
+@dataclass
+class Generation:
+    """The result of one generation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-turn, EOS or a stop string) or "length" (max_new_tokens)
+    prompt_tokens: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def visible_text(
+    raw: str, stops: tuple[str, ...], specials: tuple[str, ...], final: bool
+) -> tuple[str, bool]:
+    """What of generated text a user sees: cut at the first stop string, special tokens removed, stripped.
+
+    While streaming (``final=False``), a tail that may still grow into a stop string or a special token, an
+    incomplete character, and trailing whitespace are held back, so the streamed pieces always add up to the
+    final text. Returns the text and whether a stop string was found.
+    """
+    cut, stopped = len(raw), False
+    for stop in stops:
+        if stop and stop in raw:
+            cut, stopped = min(cut, raw.index(stop)), True
+    text = raw[:cut]
+    if not final and not stopped:
+        hold = 0
+        for marker in (*stops, *specials):
+            for size in range(min(len(marker) - 1, len(text)), 0, -1):
+                if text.endswith(marker[:size]):
+                    hold = max(hold, size)
+                    break
+        text = text[: len(text) - hold] if hold else text
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+            text = text.rstrip("\ufffd")
+    for special in specials:
+        if special:
+            text = text.replace(special, "")
+    # Leading whitespace is dropped; trailing whitespace is shown only once text follows it (or never).
+    return text.strip(), stopped
+
+
+class TextStream:
+    """A transformers-style streamer that turns generated tokens into visible text pieces for ``on_text``."""
+
+    def __init__(
+        self, tokenizer: Any, prompt_length: int, stops: tuple[str, ...], on_text: Callable[[str], None]
+    ):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.stops = stops
+        self.specials = tuple(t for t in tokenizer.all_special_tokens if t)
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.shown = ""
+        self.skip_prompt = True
+
+    def put(self, value: Any) -> None:
+        ids = value.reshape(-1).tolist()
+        if self.skip_prompt:  # model.generate passes the prompt first
+            self.skip_prompt = False
+            if len(ids) == self.prompt_length:
+                return
+        self.ids.extend(ids)
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        raw = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        text, _ = visible_text(raw, self.stops, self.specials, final)
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.on_text(text[len(self.shown) :])
+            self.shown = text
+
 
 def generate_ids(
-    hook: Any, model: Any, tokenizer: Any, input_ids: Any, options: GenerationOptions, streamer: Any = None
+    hook: Any,
+    model: Any,
+    tokenizer: Any,
+    input_ids: Any,
+    options: GenerationOptions,
+    streamer: Any = None,
+    config: Any = None,
 ) -> Any:
     """The new token ids after ``input_ids`` (shape ``(1, n)``), through the ``decode`` hook."""
     import torch
@@ -68,9 +165,41 @@ def generate_ids(
     input_ids = input_ids.to(model.device)
     with torch.no_grad():
         output = hook.decode(
-            model=model, tokenizer=tokenizer, input_ids=input_ids, options=options, streamer=streamer
+            config=config,
+            model=model,
+            tokenizer=tokenizer,
+            input_ids=input_ids,
+            options=options,
+            streamer=streamer,
         )
     return output[0, input_ids.shape[1] :]
+
+
+def generate_text(
+    hook: Any,
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    options: GenerationOptions,
+    on_text: Callable[[str], None] | None = None,
+    config: Any = None,
+    add_special_tokens: bool = False,
+) -> Generation:
+    """Generate after a prompt text, cutting at the stop strings.
+
+    A rendered chat prompt already holds its special tokens as text (``add_special_tokens=False``); a raw
+    prompt gets what the tokenizer adds by itself (e.g. BOS) with ``add_special_tokens=True``.
+    """
+    input_ids = tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
+    prompt_length = input_ids.shape[1]
+    stream = TextStream(tokenizer, prompt_length, options.stop_strings, on_text) if on_text else None
+    new_ids = generate_ids(hook, model, tokenizer, input_ids, options, stream, config).tolist()
+    raw = tokenizer.decode(new_ids, skip_special_tokens=False)
+    specials = tuple(t for t in tokenizer.all_special_tokens if t)
+    text, stopped = visible_text(raw, options.stop_strings, specials, final=True)
+    ended = stopped or (tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new_ids)
+    finish = "stop" if ended or len(new_ids) < options.max_new_tokens else "length"
+    return Generation(text, new_ids, finish, prompt_length, dict(options.stats))
 
 
 def chat_prompt(hook: Any, template: Template, conversation: Conversation, tokenizer: Any) -> str:
@@ -88,25 +217,25 @@ def reply(
     template: Template,
     conversation: Conversation,
     options: GenerationOptions,
-    streamer: Any = None,
-) -> str:
-    """The assistant's next message, decoded and cut at the template's end-of-turn marker."""
+    on_text: Callable[[str], None] | None = None,
+    config: Any = None,
+) -> Generation:
+    """The assistant's next message, decoded and cut at the template's end-of-turn markers."""
     prompt = chat_prompt(hook, template, conversation, tokenizer)
-    input_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    stops = tuple(dict.fromkeys((*options.stop_strings, *template.stop_strings)))
-    options = GenerationOptions(**{**options.__dict__, "stop_strings": stops})
-    new_ids = generate_ids(hook, model, tokenizer, input_ids, options, streamer)
-    text = tokenizer.decode(new_ids, skip_special_tokens=False)
-    return clean_reply(text, stops, tokenizer)
+    stops = template.stop_strings or ((tokenizer.eos_token,) if tokenizer.eos_token else ())
+    return generate_text(hook, model, tokenizer, prompt, options.with_stops(stops), on_text, config)
 
 
-def clean_reply(text: str, stops: tuple[str, ...], tokenizer: Any) -> str:
-    """Cut generated text at the first stop string or EOS, and drop leftover special tokens."""
-    cut = len(text)
-    for stop in (*stops, tokenizer.eos_token or None):
-        if stop and stop in text:
-            cut = min(cut, text.index(stop))
-    text = text[:cut]
-    for special in tokenizer.all_special_tokens:
-        text = text.replace(special, "")
-    return text.strip()
+def run_in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``function`` in a thread; the returned dict receives ``result`` or ``error``."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = function()
+        except BaseException as exc:  # handed to the caller, which re-raises it
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box

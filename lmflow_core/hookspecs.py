@@ -434,8 +434,28 @@ def on_train_end(
 # --------------------------------------------------------------------------------------------------------------
 
 
+@hookspec
+def prepare_inference(config: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Get ready to generate with a model loaded by an inference command (load a draft model, warm caches).
+
+    When: once, after ``lmflow generate``, ``chat``, ``serve`` or ``evaluate`` (or the Python
+    ``open_session``) has loaded the model, before the first request. State a plugin needs later belongs on
+    the model object (e.g. ``model.lmflow_draft``), so that every loaded model has its own.
+
+    Args:
+        config: the settings of the session (``model``, ``template``, ``plugins``, plugin options).
+        model: the loaded model.
+        tokenizer: its tokenizer.
+
+    Returns: nothing; raise :class:`lmflow_core.errors.LmflowError` for a problem the user must fix.
+
+    Combine: all; return values are ignored.
+    """
+
+
 @hookspec(firstresult=True)
 def decode(
+    config: RunConfig | None,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     input_ids: torch.Tensor,
@@ -448,10 +468,12 @@ def decode(
     ``model.generate`` with the options (greedy or sampling, stop strings, end-of-turn tokens).
 
     Args:
+        config: the run's or the inference session's settings (plugin options), or ``None``.
         model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
         tokenizer: the run's tokenizer.
         input_ids: the prompt, shape ``(1, prompt_length)``.
-        options: a :class:`lmflow_core.generate.GenerationOptions`.
+        options: a :class:`lmflow_core.generate.GenerationOptions`; a decoder may put figures worth reporting
+            in ``options.stats``.
         streamer: a transformers streamer receiving tokens as they are produced, or ``None``.
 
     Returns: the full sequences (prompt followed by the new tokens), or ``None`` to defer.

@@ -21,10 +21,11 @@ from transformers.trainer_utils import rotate_checkpoints
 from . import __version__
 from .config import RunConfig, build_config, core_fields, load_config_file, resolve_plugin_options
 from .errors import ConfigError, LmflowError
+from .evaluation import evaluate_hooks
+from .models import RUN_RECORD, load_model_config, model_context, read_json, stored_run
 from .plugins import RunPlugins, call_each, fold, select_plugins
 from .report import Reporter, format_duration
 
-RUN_RECORD = "lmflow_run.json"
 RUN_CONFIG = "run_config.yaml"
 STAGING_PREFIX = ".staging-"
 
@@ -248,7 +249,7 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     if trainer.is_world_process_zero():
         hook.on_train_end(config=config, model=model, tokenizer=tokenizer, output_dir=str(output_dir))
     eval_metrics = (
-        _evaluate(run_plugins, config, model, tokenizer, eval_data) if eval_data is not None else {}
+        evaluate_hooks(run_plugins, config, model, tokenizer, eval_data) if eval_data is not None else {}
     )
     samples = (
         _samples(run_plugins, config, model, tokenizer, template)
@@ -315,7 +316,7 @@ def plan_output_dir(config: RunConfig, output_dir: Path) -> OutputPlan:
             f"--output-dir {output_dir} is not empty and does not hold an lmflow run",
             "choose a new or empty directory",
         )
-    status = _read_json(output_dir / RUN_RECORD).get("status", "unfinished") if ours else None
+    status = read_json(output_dir / RUN_RECORD).get("status", "unfinished") if ours else None
 
     if config.resume and config.resume != "latest":
         checkpoint = Path(config.resume)
@@ -370,44 +371,10 @@ def _remove_staging(directory: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def stored_run(source: str) -> dict[str, Any]:
-    """The run record (template, block size, config...) of a model that lmflow trained; ``{}`` otherwise."""
-    return _read_json(Path(source) / RUN_RECORD)
-
-
 def _load_model_config(config: RunConfig) -> Any:
-    from transformers import AutoConfig
-
     from .defaults import model_source
 
-    source = model_source(config)
-    try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        local = Path(source).expanduser()
-        if local.exists():
-            problem = f"model directory {source} has no usable config.json ({str(exc).splitlines()[0]})"
-        elif source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1):
-            problem = f"model {source} does not exist"
-        else:
-            problem = f"model '{source}' is not a local directory and could not be fetched from the hub"
-        raise LmflowError(
-            problem, "check --model (a local model directory or a Hugging Face model id)"
-        ) from exc
-
-
-def model_context(model_config: Any) -> int | None:
-    """The longest sequence a model config allows, if it says."""
-    return getattr(model_config, "max_position_embeddings", None) or getattr(
-        model_config, "n_positions", None
-    )
+    return load_model_config(model_source(config), config.trust_remote_code)
 
 
 def _block_size(config: RunConfig, model_config: Any, stored: int | None = None) -> int:
@@ -772,36 +739,18 @@ def _save_final(trainer: Any, tokenizer: Any, output_dir: Path) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def _evaluate(
-    run_plugins: RunPlugins, config: RunConfig, model: Any, tokenizer: Any, data: Any
-) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    owners: dict[str, str] = {}
-    results = call_each(
-        run_plugins.hook.evaluate, config=config, model=model, tokenizer=tokenizer, dataset=data
-    )
-    for plugin, found in results:
-        for key, value in (found or {}).items():
-            if key in metrics:
-                raise LmflowError(
-                    f"plugins '{owners[key]}' and '{plugin}' both report the metric '{key}'",
-                    "rename the metric in one of them",
-                )
-            metrics[key], owners[key] = float(value), plugin
-    return metrics
-
-
 def _samples(
     run_plugins: RunPlugins, config: RunConfig, model: Any, tokenizer: Any, template: Any
 ) -> list[tuple[str, str]]:
     from .generate import GenerationOptions, reply
     from .templates import Conversation, Message
 
-    options = GenerationOptions(max_new_tokens=48, greedy=True)
     out = []
     for prompt in config.sample_prompts:
         conversation = Conversation([Message("user", prompt)])
-        out.append((prompt, reply(run_plugins.hook, model, tokenizer, template, conversation, options)))
+        options = GenerationOptions(max_new_tokens=48, greedy=True)
+        answer = reply(run_plugins.hook, model, tokenizer, template, conversation, options, config=config)
+        out.append((prompt, answer.text))
     return out
 
 

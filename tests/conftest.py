@@ -20,7 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "reference"
+# Reference data beside the project (../shared/reference), or where LMFLOW_SHARED_REFERENCE points.
+SHARED = Path(os.environ.get("LMFLOW_SHARED_REFERENCE") or REPO.parent / "shared" / "reference")
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmflow_core import defaults
 from lmflow_core.data import load_raw_dataset, tokenize_dataset
-from lmflow_core.generate import GenerationOptions, clean_reply, generate_ids, reply
+from lmflow_core.generate import GenerationOptions, generate_ids, reply
 from lmflow_core.plugins import select_plugins
 from lmflow_core.templates import Conversation, get_template
 
@@ -46,9 +46,8 @@ def test_sampling_with_a_seed_is_reproducible(tiny_llama):
 
 def test_reply_is_cut_at_the_template_end_of_turn(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    assert clean_reply("4.<|im_end|>\n<|im_start|>user", ("<|im_end|>",), tokenizer) == "4."
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    text = reply(
+    result = reply(
         select_plugins([]).hook,
         model,
         tokenizer,
@@ -56,7 +55,8 @@ def test_reply_is_cut_at_the_template_end_of_turn(tiny_llama):
         Conversation.from_messages([{"role": "user", "content": "Hi"}]),
         GenerationOptions(max_new_tokens=6),
     )
-    assert "<|im_end|>" not in text and "<|im_start|>" not in text
+    assert "<|im_end|>" not in result.text and "<|im_start|>" not in result.text
+    assert result.completion_tokens <= 6 and result.finish_reason in ("stop", "length")
 
 
 def test_default_evaluate_matches_a_direct_computation(tiny_llama, tmp_path):
@@ -69,6 +69,8 @@ def test_default_evaluate_matches_a_direct_computation(tiny_llama, tmp_path):
     class Cfg:
         eval_batch_size = 2
         batch_size = 2
+        block_size = None
+        eval_stride = None
 
     metrics = defaults.evaluate(Cfg(), model, tokenizer, data)
     sums, counts = [], []

@@ -610,3 +610,24 @@ def test_tokenization_cache_key_follows_the_code_of_python_plugin_objects():
         select_plugins([], extra=[("fmt", types.SimpleNamespace(format_conversation=hookimpl(shouting)))])
     )
     assert first == again and first != other
+
+
+def test_hook_prepare_inference_runs_once_when_a_session_opens(tiny_llama):
+    from lmflow_core.inference import open_session
+
+    calls = []
+
+    def prepare_inference(config, model, tokenizer):
+        calls.append(config.model)
+        model.lmflow_marker = "ready"
+
+    plugin = types.SimpleNamespace(prepare_inference=hookimpl(prepare_inference))
+    session = open_session(str(tiny_llama), extra_plugins={"prep": plugin})
+    assert calls == [str(tiny_llama)] and session.model.lmflow_marker == "ready"
+
+    def refuse(config):
+        raise LmflowError("the draft is missing", "pass --draft-model")
+
+    broken = types.SimpleNamespace(prepare_inference=hookimpl(refuse))
+    with pytest.raises(LmflowError, match="the draft is missing"):
+        open_session(str(tiny_llama), extra_plugins={"broken": broken})

@@ -46,7 +46,7 @@ def test_unknown_plugin_lists_the_available_ones():
     message = str(err.value)
     assert "unknown plugin 'templatez'" in message
     assert "did you mean 'templates'" in message
-    assert "available: templates" in message
+    assert "available: speculative, templates" in message
 
 
 def test_misspelled_hook_is_an_error_naming_plugin_and_hook():
@@ -104,7 +104,9 @@ def test_hooks_run_in_the_order_plugins_are_named_with_core_last():
     other = make_plugin("other", decode=lambda: "from other")
     run_plugins = select_plugins([], extra=[("picker", picker), ("other", other)])
     assert (
-        run_plugins.hook.decode(model=None, tokenizer=None, input_ids=None, options=None, streamer=None)
+        run_plugins.hook.decode(
+            config=None, model=None, tokenizer=None, input_ids=None, options=None, streamer=None
+        )
         == "from picker"
     )
 

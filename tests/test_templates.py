@@ -610,7 +610,7 @@ def test_templates_cli_list_show_render(runner, tmp_path):
     rendered = invoke(
         runner, "templates", "render", "llama3", "--messages", messages, "--add-generation-prompt"
     )
-    assert rendered.output == (
+    assert rendered.stdout == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )

@@ -76,6 +76,7 @@ def tokenize_dataset(
     group_texts: bool = True,
     cache_extra: str = "",
     use_cache: bool = True,
+    truncate: bool = True,
 ) -> tuple[Any, DataStats]:
     """Tokenize ``raw`` into a ``datasets.Dataset`` of ``input_ids``, ``labels``, ``attention_mask``.
 
@@ -83,6 +84,8 @@ def tokenize_dataset(
         format_conversation: renders a conversation with the template (the ``format_conversation`` hook);
             defaults to ``template.render``.
         cache_extra: anything else the result depends on (e.g. plugins that format conversations).
+        truncate: cut examples to ``block_size`` (training); ``False`` keeps every example whole and
+            ungrouped (scoring, where long texts are read with a sliding window).
 
     Returns the dataset and its :class:`DataStats`.
     """
@@ -91,7 +94,7 @@ def tokenize_dataset(
     if raw.type == "conversation" and template is None:
         raise ValueError("conversation data needs a template")
     render = format_conversation or (lambda t, c: t.render(c, False, tokenizer))
-    key = _cache_key(raw, tokenizer, block_size, template, group_texts, cache_extra)
+    key = _cache_key(raw, tokenizer, block_size, template, group_texts, cache_extra + f"|truncate={truncate}")
     cache_dir = cache_root() / key
     if use_cache and (cache_dir / "stats.json").is_file():
         import json
@@ -128,6 +131,8 @@ def tokenize_dataset(
         if grouping:
             batch = {key: batch[key] for key in ("input_ids", "labels")}
             batch = _group(batch, block_size)
+        elif not truncate:
+            batch = dict(batch)
         else:
             batch = {
                 **batch,
@@ -141,7 +146,7 @@ def tokenize_dataset(
         batch["_length"] = [len(x) for x in ids]
         return batch
 
-    grouping = raw.type == "text_only" and group_texts
+    grouping = raw.type == "text_only" and group_texts and truncate
     source = datasets.Dataset.from_list(raw.records)
     # Columns a plugin's normalize_record added (e.g. image paths) travel with their examples.
     text_columns = [c for c in source.column_names if c in TEXT_FIELDS]
@@ -171,7 +176,7 @@ def tokenize_dataset(
         examples=0,
         block_size=block_size,
         converted=dict(raw.converted),
-        truncated=0 if grouping else sum(n > block_size for n in full_lengths),
+        truncated=0 if grouping or not truncate else sum(n > block_size for n in full_lengths),
         dropped_untrained=sum(n == 0 for n in trained),
         trained_tokens=sum(trained),
         max_token_id=max(finished["_max_id"], default=-1),

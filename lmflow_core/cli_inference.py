@@ -1,0 +1,355 @@
+"""Inference commands: ``lmflow generate``, ``chat``, ``serve`` and ``evaluate``.
+
+Each opens an :class:`lmflow_core.inference.InferenceSession` on a model directory, an adapter directory or a
+hub id, with the template stored with the model unless ``--template`` says otherwise, and with the plugins
+named by ``--plugins`` (their flags appear once they are named).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli import PluginCommand, cli, debug_option, given, plugin_values
+from .errors import LmflowError
+from .plugins import parse_plugin_names
+
+
+def session_options(function: Callable) -> Callable:
+    """The options every inference command shares."""
+    options = [
+        click.argument("model"),
+        click.option("--template", help="Conversation template (default: the one stored with the model)."),
+        click.option("--plugins", help="Plugins to use, comma-separated (e.g. speculative)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1..."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+            default="auto",
+            show_default=True,
+            help="Weights dtype (auto: bfloat16 on a GPU that has it, else float32).",
+        ),
+        click.option(
+            "--trust-remote-code", is_flag=True, help="Allow model code from the hub repository to run."
+        ),
+        debug_option,
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def decoding_options(function: Callable) -> Callable:
+    """Options that control decoding."""
+    options = [
+        click.option(
+            "--greedy", "mode", flag_value="greedy", help="Pick the most likely token (the default)."
+        ),
+        click.option("--sample", "mode", flag_value="sample", help="Sample (implied by the options below)."),
+        click.option(
+            "--temperature",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Sampling temperature [default: 1.0].",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(min=0),
+            help="Sample among the k most likely tokens (0: all) [default: 50].",
+        ),
+        click.option(
+            "--top-p",
+            type=click.FloatRange(min=0, max=1, min_open=True),
+            help="Nucleus sampling [default: 1.0].",
+        ),
+        click.option(
+            "--repetition-penalty",
+            type=click.FloatRange(min=0, min_open=True),
+            default=1.0,
+            show_default=True,
+        ),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+        click.option("--seed", type=int, help="Seed for sampling."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def generation_options(values: dict[str, Any]) -> Any:
+    """GenerationOptions from the decoding flags; sampling flags with --greedy are a contradiction."""
+    from .generate import GenerationOptions
+
+    sampling = {k: values[k] for k in ("temperature", "top_k", "top_p") if values.get(k) is not None}
+    if values.get("mode") == "greedy" and sampling:
+        flags = ", ".join("--" + k.replace("_", "-") for k in sampling)
+        raise LmflowError(
+            f"--greedy contradicts {flags}", "drop --greedy to sample, or drop the sampling options"
+        )
+    greedy = values.get("mode") != "sample" and not sampling
+    return GenerationOptions(
+        max_new_tokens=values["max_new_tokens"],
+        greedy=greedy,
+        temperature=sampling.get("temperature", 1.0),
+        top_k=sampling.get("top_k", 50),
+        top_p=sampling.get("top_p", 1.0),
+        repetition_penalty=values["repetition_penalty"],
+        stop_strings=tuple(values.get("stop") or ()),
+        seed=values.get("seed"),
+    )
+
+
+def open_from_flags(values: dict[str, Any]) -> Any:
+    """An inference session from the shared options and the plugin flags."""
+    from .inference import open_session
+
+    ctx = click.get_current_context()
+    return open_session(
+        values["model"],
+        template=values.get("template"),
+        plugins=parse_plugin_names(values.get("plugins")),
+        plugin_options=plugin_values(ctx, values),
+        device=values["device"],
+        dtype=values["dtype"],
+        trust_remote_code=values["trust_remote_code"],
+    )
+
+
+def report_stats(stats: dict[str, Any]) -> None:
+    """Figures a decoder reported (e.g. a draft model's acceptance rate), on stderr."""
+    if stats:
+        click.echo(
+            " | ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()),
+            err=True,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lmflow generate
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("generate", cls=PluginCommand)
+@session_options
+@decoding_options
+@click.option("--prompt", help="Text to continue as it is (no template).")
+@click.option(
+    "--messages",
+    "messages_file",
+    type=click.Path(dir_okay=False),
+    help="JSON list of {role, content}: answer as the assistant.",
+)
+@click.option("--no-stream", is_flag=True, help="Print the completion at the end instead of token by token.")
+def generate_command(**values: Any) -> None:
+    """Generate a completion with MODEL and print it.
+
+    With --prompt the text is continued as it is; with --messages the conversation is rendered with the
+    model's template and the assistant's next message is generated.
+    """
+    if bool(values["prompt"] is not None) == bool(values["messages_file"]):
+        raise LmflowError("pass exactly one of --prompt and --messages")
+    messages = _read_messages(values["messages_file"]) if values["messages_file"] else None
+    options = generation_options(values)
+    session = open_from_flags(values)
+    stream = None if values["no_stream"] else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    if messages is not None:
+        result = session.chat(messages, options, on_text=stream)
+    else:
+        result = session.complete(values["prompt"], options, on_text=stream)
+    if stream is None:
+        sys.stdout.write(result.text)
+    sys.stdout.write("\n")
+    report_stats(result.stats)
+
+
+def _read_messages(path: str) -> Any:
+    from .templates import Conversation
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise LmflowError(
+            f"cannot read messages from {path}: {exc}", "pass a JSON list of {role, content}"
+        ) from exc
+    system = tools = None
+    if isinstance(data, dict):
+        data, system, tools = data.get("messages"), data.get("system"), data.get("tools")
+    if not isinstance(data, list) or not all(isinstance(m, dict) and "role" in m for m in data):
+        raise LmflowError(f'{path} must hold a JSON list of {{"role", "content"}} objects')
+    return Conversation.from_messages(data, system, tools)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lmflow chat
+# --------------------------------------------------------------------------------------------------------------
+
+CHAT_HELP = "Commands: /reset clears the conversation (the system prompt stays), /system TEXT sets the system prompt, /exit quits."
+
+
+@cli.command("chat", cls=PluginCommand)
+@session_options
+@decoding_options
+@click.option("--system", "system_prompt", help="System prompt for the conversation.")
+def chat_command(**values: Any) -> None:
+    """Chat with MODEL in the terminal, in the format it was trained with.
+
+    Replies stream as they are generated. Type /reset to clear the conversation (the system prompt stays),
+    /system TEXT to set the system prompt (/system alone clears it), /exit (or end the input) to quit. Reads
+    from a pipe as well: one user message per line.
+    """
+    from .templates import Conversation, Message
+
+    options = generation_options(values)
+    session = open_from_flags(values)
+    if session.template is None:
+        raise LmflowError(
+            f"model {values['model']} has no conversation template",
+            "pass --template NAME (see `lmflow templates list`)",
+        )
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"lmflow chat | {session.name} | template {session.template_name}. {CHAT_HELP}")
+    system, history = values["system_prompt"], []
+    while True:
+        if interactive:
+            click.echo("you> ", nl=False)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        command, _, argument = text.strip().partition(" ")
+        if command == "/exit":
+            break
+        if command == "/reset":
+            history = []
+            click.echo("(conversation cleared)")
+            continue
+        if command == "/system":
+            system = argument.strip() or None
+            click.echo(f"(system prompt {'set' if system else 'cleared'})")
+            continue
+        if command.startswith("/") and not command.startswith("//"):
+            click.echo(f"(unknown command {command}. {CHAT_HELP})")
+            continue
+        if not text.strip():
+            continue
+        history.append(Message("user", text))
+        if interactive:
+            click.echo("model> ", nl=False)
+        result = session.chat(
+            Conversation(list(history), system),
+            options,
+            on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+        )
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append(Message("assistant", result.text))
+        report_stats(result.stats)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lmflow evaluate
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("evaluate", cls=PluginCommand)
+@session_options
+@click.option("--dataset", required=True, help="Data to score: a .json/.jsonl file or a directory of them.")
+@click.option(
+    "--window", type=click.IntRange(min=8), help="Longest context per forward pass (default: the model's)."
+)
+@click.option(
+    "--stride",
+    type=click.IntRange(min=1),
+    help="Sliding-window step for longer texts (default: half a window).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), help="Score only the first N records.")
+@click.option(
+    "--output", type=click.Path(dir_okay=False), help="JSON report path (default: eval-<dataset>.json)."
+)
+def evaluate_command(**values: Any) -> None:
+    """Measure MODEL's negative log-likelihood on a dataset (the LMFlow benchmark's NLL).
+
+    Prints nll_per_sample (each example's summed NLL, averaged over examples), nll_per_token and perplexity,
+    and writes a JSON report. On conversation data only the assistant's tokens are scored.
+    """
+    from .evaluation import evaluate_dataset, write_report
+
+    if values["stride"] and values["window"] and values["stride"] >= values["window"]:
+        raise LmflowError(f"--stride {values['stride']} must be smaller than --window {values['window']}")
+    session = open_from_flags(values)
+    report = evaluate_dataset(
+        session,
+        values["dataset"],
+        window=values["window"],
+        stride=values["stride"],
+        batch_size=values["batch_size"],
+        max_samples=values["max_samples"],
+    )
+    output = Path(values["output"] or f"eval-{Path(values['dataset']).stem}.json")
+    write_report(report, output)
+    metrics = report["metrics"]
+    click.echo(
+        f"model: {report['model']} | dataset: {report['dataset']} ({report['type']}, {report['records']} records)"
+    )
+    click.echo(f"{'metric':<16}{'value':>14}")
+    for key in ("nll_per_sample", "nll_per_token", "perplexity", "eval_samples", "eval_tokens"):
+        if key in metrics:
+            click.echo(f"{key:<16}{metrics[key]:>14.4f}")
+    for key, value in metrics.items():
+        if key not in ("nll_per_sample", "nll_per_token", "perplexity", "eval_samples", "eval_tokens"):
+            click.echo(f"{key:<16}{value:>14.4f}")
+    click.echo(f"report: {output}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lmflow serve
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command("serve", cls=PluginCommand)
+@session_options
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface)."
+)
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=8000, show_default=True)
+@click.option(
+    "--api-key",
+    envvar="LMFLOW_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on the API (or set LMFLOW_API_KEY).",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Default and cap for max_tokens.",
+)
+@click.option("--no-ui", is_flag=True, help="Serve the API only, without the chat page.")
+def serve_command(**values: Any) -> None:
+    """Serve MODEL: a chat page at / and an OpenAI-compatible API at /v1.
+
+    POST /v1/chat/completions (with "stream": true as server-sent events) and GET /v1/models.
+    """
+    from .serve import check_port, run_server
+
+    check_port(values["host"], values["port"])
+    session = open_from_flags(values)
+    run_server(
+        session,
+        host=values["host"],
+        port=values["port"],
+        api_key=values["api_key"],
+        max_new_tokens=values["max_new_tokens"],
+        ui=not values["no_ui"],
+    )
+
+
+__all__ = ["chat_command", "evaluate_command", "generate_command", "given", "serve_command"]

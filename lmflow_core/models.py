@@ -1,0 +1,93 @@
+"""Finding and describing models: hub ids, model directories, adapter directories, lmflow run records."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import LmflowError
+
+RUN_RECORD = "lmflow_run.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file, or ``{}`` when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def stored_run(source: str) -> dict[str, Any]:
+    """The run record (template, block size, config...) of a model that lmflow trained; ``{}`` otherwise."""
+    return read_json(Path(source) / RUN_RECORD)
+
+
+def is_adapter(source: str) -> bool:
+    """Whether ``source`` is a local PEFT adapter directory (e.g. the output of a LoRA run)."""
+    return (Path(source) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(source: str) -> str:
+    """The base model an adapter directory was trained on."""
+    base = read_json(Path(source) / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not base:
+        raise LmflowError(
+            f"adapter {source} does not name its base model (base_model_name_or_path in {ADAPTER_CONFIG})",
+            "fix adapter_config.json",
+        )
+    return base
+
+
+def load_model_config(source: str, trust_remote_code: bool = False, option: str = "--model") -> Any:
+    """The ``PretrainedConfig`` of a hub id or local directory; a missing model is a one-line error."""
+    from transformers import AutoConfig
+
+    if is_adapter(source):
+        source = adapter_base(source)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        local = Path(source).expanduser()
+        if local.exists():
+            problem = f"model directory {source} has no usable config.json ({str(exc).splitlines()[0]})"
+        elif source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1):
+            problem = f"model {source} does not exist"
+        else:
+            problem = f"model '{source}' is not a local directory and could not be fetched from the hub"
+        raise LmflowError(
+            problem, f"check {option} (a local model directory or a Hugging Face model id)"
+        ) from exc
+
+
+def model_context(model_config: Any) -> int | None:
+    """The longest sequence a model config allows, if it says."""
+    return getattr(model_config, "max_position_embeddings", None) or getattr(
+        model_config, "n_positions", None
+    )
+
+
+def pick_device(device: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is available, else ``"cpu"``."""
+    import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise LmflowError(f"--device {device} needs a CUDA GPU and none is available", "use --device cpu")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str, device: str) -> Any:
+    """``"auto"`` -> bfloat16 on a GPU that supports it, float32 otherwise."""
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
