@@ -88,6 +88,12 @@ class RunConfig:
     max_samples: int | None = opt(
         None, "Use only the first N records of each dataset (for quick trials).", "Data", min=1
     )
+    packing: bool = opt(
+        False,
+        "Pack several training examples into each block of --block-size tokens, without attention across "
+        "them (less padding, faster training).",
+        "Data",
+    )
 
     # Training
     output_dir: str = opt("output", "Where checkpoints and the final model are written.", "Training")

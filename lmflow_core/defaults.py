@@ -101,6 +101,10 @@ class PaddingCollator:
 
 @hookimpl(trylast=True)
 def data_collator(config: Any, tokenizer: Any) -> Any:
+    if getattr(config, "packing", False):
+        from .data.packing import PackedCollator
+
+        return PackedCollator(tokenizer)
     return PaddingCollator(tokenizer)
 
 

@@ -294,7 +294,9 @@ def data_collator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
     """Provide the function that turns a list of examples into a batch.
 
     When: when the trainer is built. The core default pads ``input_ids`` with the pad token and ``labels``
-    with -100 (``DataCollatorForSeq2Seq``).
+    with -100 (``DataCollatorForSeq2Seq``); with ``--packing`` it is
+    :class:`lmflow_core.data.packing.PackedCollator`, which keeps packed rows' ``position_ids`` and sends no
+    attention mask. A plugin replacing it under ``--packing`` must do the same.
 
     Args:
         config: the run's :class:`lmflow_core.config.RunConfig`.

@@ -6,8 +6,10 @@ terminal, a pipe or a CI log; in a terminal a progress bar runs below it.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from transformers import TrainerCallback
@@ -33,6 +35,21 @@ def format_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+_active: ContextVar[Reporter | None] = ContextVar("lmflow_reporter", default=None)
+
+
+def note(text: str) -> None:
+    """Tell the user something in one line (``note: ...``): what a plugin uses for a fallback or advice.
+
+    During a run the line goes through the run's :class:`Reporter` (printed once, by the main process, above
+    the progress bar); outside a run the main process prints it to stdout.
+    """
+    reporter = _active.get()
+    if reporter is None:
+        reporter = Reporter(main=int(os.environ.get("RANK", "0")) == 0)
+    reporter.note(text)
+
+
 class Reporter:
     """Prints a run's progress. Subclass or pass ``main=False`` to silence it."""
 
@@ -51,6 +68,11 @@ class Reporter:
 
     def note(self, text: str) -> None:
         self.line(f"note: {text}")
+
+    def activate(self) -> Reporter:
+        """Make this the reporter that :func:`note` prints through (a run does this as it starts)."""
+        _active.set(self)
+        return self
 
     def header(
         self, config: Any, run_plugins: Any, model: str, template: str | None, block_size: int
@@ -88,8 +110,9 @@ class Reporter:
             )
 
     def model(self, model: Any) -> None:
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # ds_numel: the full size of a parameter that DeepSpeed ZeRO-3 has partitioned across processes.
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         dtype = next(model.parameters()).dtype
         self.line(
             f"model: {type(model).__name__}, {format_count(total)} parameters ({format_count(trainable)} "
@@ -114,7 +137,13 @@ class Reporter:
             self.line(f"eval ({count} examples): {metrics}")
         for prompt, reply in result.samples:
             self.line(f"sample: {prompt!r} -> {reply!r}")
-        self.line(f"saved: {result.output_dir} (loads with AutoModelForCausalLM.from_pretrained)")
+        from .models import is_adapter
+
+        if is_adapter(result.output_dir):
+            how = "a PEFT adapter: peft.PeftModel.from_pretrained, lmflow chat/generate/evaluate"
+        else:
+            how = "loads with AutoModelForCausalLM.from_pretrained"
+        self.line(f"saved: {result.output_dir} ({how})")
 
 
 class ProgressReporter(TrainerCallback):

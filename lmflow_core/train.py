@@ -7,10 +7,12 @@ before the model is loaded.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,43 +170,21 @@ def run(
 
 def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | None = None) -> RunResult:
     """Run a configured fine-tuning (see :func:`run`)."""
-    from .data import load_raw_dataset
     from .defaults import model_source
-    from .templates import get_template
 
-    report = reporter or Reporter(main=_is_main_process())
+    report = (reporter or Reporter(main=_is_main_process())).activate()
     hook = run_plugins.hook
     quiet_libraries()
 
     # 1. Everything a user can get wrong, before any model loads.
     output_dir = Path(config.output_dir)
-    plan = plan_output_dir(config, output_dir)
-    resume_from = plan.resume_from
-    stored = stored_run(model_source(config))
-    template_name = config.template or stored.get("template")
-    template = get_template(template_name) if template_name else None
-
-    def normalize(record: Any, declared_type: str | None, where: str) -> Any:
-        return hook.normalize_record(record=record, declared_type=declared_type, where=where)
-
-    if not config.dataset:
-        raise ConfigError("no training data", "pass --dataset (a .json/.jsonl file or a directory)")
-    train_raw = load_raw_dataset(config.dataset, template, config.max_samples, normalize)
-    eval_raw = (
-        load_raw_dataset(config.eval_dataset, template, config.max_samples, normalize)
-        if config.eval_dataset
-        else None
-    )
-    for raw in (train_raw, eval_raw):
-        if raw is not None and raw.type == "conversation" and template is None:
-            raise ConfigError(
-                f"{raw.files[0]} holds conversations, which need a template",
-                "pass --template NAME (see `lmflow templates list`)",
-            )
-    model_config = _load_model_config(config)
-    hook.configure_model(config=config, model_config=model_config)
-    block_size = _block_size(config, model_config, stored.get("block_size"))
+    checked = check_run(config, run_plugins)
+    plan, template_name, template = checked.plan, checked.template_name, checked.template
+    train_raw, eval_raw, block_size = checked.train_raw, checked.eval_raw, checked.block_size
+    model_config, resume_from = checked.model_config, checked.plan.resume_from
     training_args = _training_arguments(config, run_plugins, eval_raw is not None)
+    # Every process has judged the output directory before the first one writes to it.
+    _wait_for_everyone()
 
     report.header(config, run_plugins, model_source(config), template_name, block_size)
     if config.template and train_raw.type != "conversation":
@@ -276,6 +256,59 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     return result
 
 
+@dataclass
+class CheckedRun:
+    """What :func:`check_run` found: the plan for the output directory, template, raw data, model config."""
+
+    plan: OutputPlan
+    template_name: str | None
+    template: Any
+    train_raw: Any
+    eval_raw: Any
+    model_config: Any
+    block_size: int
+
+
+def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
+    """Check everything a user can get wrong in a run without loading a model or changing a file.
+
+    The first step of every run; ``lmflow run --nproc N`` also calls it before starting its processes, so
+    that a mistake is reported once.
+    """
+    from .data import load_raw_dataset
+    from .defaults import model_source
+    from .templates import get_template
+
+    hook = run_plugins.hook
+    plan = plan_output_dir(config, Path(config.output_dir))
+    stored = stored_run(model_source(config))
+    template_name = config.template or stored.get("template")
+    template = get_template(template_name) if template_name else None
+
+    def normalize(record: Any, declared_type: str | None, where: str) -> Any:
+        return hook.normalize_record(record=record, declared_type=declared_type, where=where)
+
+    if not config.dataset:
+        raise ConfigError("no training data", "pass --dataset (a .json/.jsonl file or a directory)")
+    train_raw = load_raw_dataset(config.dataset, template, config.max_samples, normalize)
+    eval_raw = (
+        load_raw_dataset(config.eval_dataset, template, config.max_samples, normalize)
+        if config.eval_dataset
+        else None
+    )
+    for raw in (train_raw, eval_raw):
+        if raw is not None and raw.type == "conversation" and template is None:
+            raise ConfigError(
+                f"{raw.files[0]} holds conversations, which need a template",
+                "pass --template NAME (see `lmflow templates list`)",
+            )
+    model_config = _load_model_config(config)
+    hook.configure_model(config=config, model_config=model_config)
+    _check_packing(config, model_config)
+    block_size = _block_size(config, model_config, stored.get("block_size"))
+    return CheckedRun(plan, template_name, template, train_raw, eval_raw, model_config, block_size)
+
+
 def quiet_libraries() -> None:
     import datasets
     import transformers
@@ -284,6 +317,18 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    # Deprecation notices torch's collectives print at every step under DeepSpeed/FSDP: not the user's to fix.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def _wait_for_everyone() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _is_main_process() -> bool:
@@ -387,7 +432,8 @@ def _block_size(config: RunConfig, model_config: Any, stored: int | None = None)
     if context is not None and config.block_size > context:
         raise ConfigError(
             f"--block-size {config.block_size} exceeds the model's context of {context} tokens",
-            f"use --block-size {context} or less, or extend the context with a RoPE scaling plugin",
+            f"use --block-size {context} or less, or extend the context with "
+            f"--plugins rope_scaling --target-context {config.block_size}",
         )
     return config.block_size
 
@@ -433,7 +479,36 @@ def _prepare_data(
                 f"the {split} dataset has no example left to train on", "check the data and --block-size"
             )
         prepared[split], stats[split] = data, split_stats.to_dict()
+        if split == "train" and config.packing:
+            prepared[split], stats[split]["packing"] = _pack(config, raw, data, block_size, report)
     return prepared["train"], prepared.get("eval"), stats
+
+
+def _check_packing(config: RunConfig, model_config: Any) -> None:
+    """Refuse --packing, before anything is loaded, for an architecture that would mix packed examples."""
+    if config.packing:
+        from .data import check_packing_support
+
+        check_packing_support(model_config)
+
+
+def _pack(config: RunConfig, raw: Any, data: Any, block_size: int, report: Reporter) -> tuple[Any, Any]:
+    """Pack the training examples into rows of ``block_size`` tokens; report and return the packing stats.
+
+    Evaluation data stays unpacked: it is scored example by example. Grouped text_only data fills every block
+    already and is left as it is.
+    """
+    from .data import pack_dataset
+
+    if raw.type == "text_only" and config.group_texts:
+        report.note(
+            "--packing: text_only data is already grouped into full blocks (--group-texts); pass "
+            "--no-group-texts to pack whole texts instead"
+        )
+        return data, None
+    packed, packing = pack_dataset(data, block_size)
+    report.line(f"packing (train): {packing.summary()}")
+    return packed, packing.to_dict()
 
 
 def _formatter_fingerprint(run_plugins: RunPlugins) -> str:
@@ -479,7 +554,7 @@ def _check_vocabulary(model: Any, data_stats: dict[str, Any]) -> None:
             raise LmflowError(
                 f"the {split} data has token id {stats['max_token_id']} but the model's embeddings have only "
                 f"{rows} rows",
-                "use the model's own tokenizer, or resize the embeddings (vocabulary extension plugin)",
+                "use the model's own tokenizer, or add --plugins vocab_extension to resize the embeddings for it",
             )
 
 
@@ -542,8 +617,9 @@ def _training_kwargs(config: RunConfig, has_eval: bool) -> dict[str, Any]:
         checkpointing: config.gradient_checkpointing,
         f"{checkpointing}_kwargs": {"use_reentrant": False} if config.gradient_checkpointing else None,
         "dataloader_pin_memory": _accelerator_available(),
-        # bf16 on a machine without an accelerator runs on the CPU (autocast); transformers wants to be told.
-        "use_cpu": config.bf16 and not _accelerator_available(),
+        # Without an accelerator transformers must be told to use the CPU: for bf16 autocast there, and so
+        # that several processes (torchrun) train with DDP over gloo instead of each training alone.
+        "use_cpu": not _accelerator_available(),
         "logging_steps": config.logging_steps,
         "logging_first_step": True,
         "save_strategy": "steps" if config.save_steps else "no",

@@ -151,3 +151,43 @@ def fast_run_args(tiny_llama, chat_data, tmp_path) -> list[str]:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """A failed CLI call that printed exactly one ``Error: ...`` line containing ``fragments``."""
+    assert result.exit_code != 0, result.output
+    error = result.stderr.strip()
+    assert error.startswith("Error: ") and "\n" not in error, error
+    assert "Traceback" not in result.output + result.stderr
+    for fragment in fragments:
+        assert fragment in error, (fragment, error)
+    return error
+
+
+def plugin_commands(plugin, name: str):
+    """Add a plugin's commands (``register_commands``) to the CLI object ``invoke`` runs; undo afterwards."""
+    from lmflow_core.cli import cli
+
+    added = name not in cli.commands
+    if added:
+        plugin.register_commands(cli)
+    yield
+    if added:
+        cli.commands.pop(name, None)
+
+
+@pytest.fixture
+def model_loads(monkeypatch):
+    """Records every model load, so tests can prove a failure came before it."""
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+    for name in ("from_pretrained", "from_config"):
+        real = getattr(AutoModelForCausalLM, name).__func__
+
+        def spy(cls, *args, _real=real, **kwargs):
+            calls.append(args)
+            return _real(cls, *args, **kwargs)
+
+        monkeypatch.setattr(AutoModelForCausalLM, name, classmethod(spy))
+    return calls

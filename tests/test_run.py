@@ -31,21 +31,6 @@ def with_sample_plugin(monkeypatch):
     monkeypatch.setattr(plugins_module, "discover_plugins", discover)
 
 
-@pytest.fixture
-def model_loads(monkeypatch):
-    """Records every model load, so tests can prove a failure came before it."""
-    calls = []
-    for name in ("from_pretrained", "from_config"):
-        real = getattr(AutoModelForCausalLM, name).__func__
-
-        def spy(cls, *args, _real=real, **kwargs):
-            calls.append(args)
-            return _real(cls, *args, **kwargs)
-
-        monkeypatch.setattr(AutoModelForCausalLM, name, classmethod(spy))
-    return calls
-
-
 def test_run_writes_a_model_directory_that_transformers_loads(runner, fast_run_args, tmp_path):
     result = invoke(runner, *fast_run_args)
     assert result.exit_code == 0, result.output + result.stderr

@@ -139,6 +139,7 @@ def tokenize_dataset(
                 "input_ids": [x[:block_size] for x in batch["input_ids"]],
                 "labels": [x[:block_size] for x in batch["labels"]],
             }
+        batch.pop("_full_length", None)  # counted before the cut; not a column of the examples
         ids = batch["input_ids"]
         batch["attention_mask"] = [[1] * len(x) for x in ids]
         batch["_trained"] = [sum(t != IGNORE_INDEX for t in x) for x in batch["labels"]]
