@@ -22,6 +22,7 @@ from .plugins import parse_plugin_names
 
 DEBUG_KEY = "lmflow.debug"
 PLUGIN_PARAMS_KEY = "lmflow.plugin_params"
+RAW_ARGS_KEY = "lmflow.raw_args"
 
 
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -159,6 +160,7 @@ class PluginCommand(click.Command):
         if "--debug" in args:  # plugins load while arguments are parsed, before click sees --debug
             ctx.meta[DEBUG_KEY] = True
         ctx.meta[PLUGIN_PARAMS_KEY] = _plugin_options(ctx, args)
+        ctx.meta[RAW_ARGS_KEY] = list(args)
         return super().parse_args(ctx, args)
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
@@ -201,11 +203,22 @@ def _run_params() -> list[click.Parameter]:
     ]
     params[0].lmflow_group = "General"  # type: ignore[attr-defined]
     params += [_field_option(f) for f in core_fields()]
-    return params
+    from .launch import launch_params
+
+    return params + launch_params()
 
 
-def _run_callback(config_file: str | None, **values: Any) -> None:
-    from .train import configure, execute
+def _run_callback(
+    config_file: str | None,
+    nproc: int,
+    nnodes: int,
+    node_rank: int,
+    master_addr: str | None,
+    master_port: int,
+    **values: Any,
+) -> None:
+    from .launch import Launch, check_launch, start, strip_launch_args
+    from .train import check_run, configure, execute
 
     ctx = click.get_current_context()
     flags: dict[str, Any] = plugin_values(ctx, values)
@@ -213,7 +226,17 @@ def _run_callback(config_file: str | None, **values: Any) -> None:
         if hasattr(param, "lmflow_field") and given(ctx, param.name):
             value = values[param.name]
             flags[param.lmflow_field] = list(value) if isinstance(value, tuple) else value
+    launch = Launch(nproc, nnodes, node_rank, master_addr, master_port)
+    check_launch(launch)
     config, plugins = configure(config_file=config_file, **flags)
+    if launch.distributed:
+        check_run(config, plugins)  # report a mistake once, here, rather than from every process
+        code = start(launch, strip_launch_args(ctx.meta[RAW_ARGS_KEY]))
+        if code != 0:
+            raise LmflowError(
+                f"the run failed in one of its processes (exit code {code})", "see the messages above"
+            )
+        return
     execute(config, plugins)
 
 

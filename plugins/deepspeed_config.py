@@ -1,0 +1,207 @@
+"""What the ``zero2`` and ``zero3`` plugins share: the DeepSpeed config built from lmflow's own options.
+
+The run's batch size, gradient accumulation, clipping and precision are written into the DeepSpeed config
+explicitly, so DeepSpeed and the Trainer can never disagree about them. A user's DeepSpeed JSON
+(``--zero3-config ds.json``) is merged over the built config; it may tune everything else (bucket sizes,
+offload details, ...), but a value that contradicts the run's own options is an error naming both.
+Sizes that depend on the model (``reduce_bucket_size``, ``stage3_prefetch_bucket_size``,
+``stage3_param_persistence_threshold``) are left ``"auto"``: transformers fills them from the model's hidden
+size when the engine starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lmflow_core import PluginOption
+
+INSTALL_HINT = "install it with: pip install 'lmflow[deepspeed]' (or pip install deepspeed)"
+
+
+def options(stage: int) -> list[PluginOption]:
+    """The options of the ``zero<stage>`` plugin."""
+    declared = [
+        PluginOption(
+            "offload_optimizer", bool, False, "Keep optimizer state (and the optimizer step) in CPU memory."
+        ),
+    ]
+    if stage == 3:
+        declared.append(PluginOption("offload_params", bool, False, "Keep the parameters in CPU memory."))
+    declared.append(
+        PluginOption(
+            "config",
+            str,
+            None,
+            "A DeepSpeed JSON merged over the config built from the run's options.",
+        )
+    )
+    return declared
+
+
+def problems(config: Any, plugin: str, stage: int) -> list[str]:
+    """What stops the plugin from running: DeepSpeed missing, an unreadable JSON, contradicting values."""
+    found = []
+    if importlib.util.find_spec("deepspeed") is None:
+        found.append(f"the {plugin} plugin needs DeepSpeed, which is not installed; {INSTALL_HINT}")
+    try:
+        build(config, plugin, stage)
+    except ValueError as exc:
+        found.append(str(exc))
+    return found
+
+
+def build(config: Any, plugin: str, stage: int) -> dict[str, Any]:
+    """The DeepSpeed config of the run: built from its options, then the user's JSON merged over it."""
+    import torch
+
+    opts = config.options_for(plugin)
+    pin = torch.cuda.is_available()
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if opts.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if stage == 3:
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+                # The final model is gathered into ordinary 16/32-bit weights that from_pretrained loads.
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
+        if opts.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    built: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "gradient_clipping": config.max_grad_norm,
+        "bf16": {"enabled": bool(config.bf16)},
+        "fp16": {"enabled": bool(config.fp16)},
+        "zero_optimization": zero,
+        # The global batch: what every process takes per step, times the processes of the launch.
+        "train_batch_size": config.batch_size * config.grad_accum * int(os.environ.get("WORLD_SIZE", "1")),
+        "steps_per_print": 10**9,  # the run prints its own progress
+        "wall_clock_breakdown": False,
+    }
+    if opts.offload_optimizer:
+        # With the optimizer on the CPU, DeepSpeed's own CPU Adam does the step; transformers fills in the
+        # run's learning rate, betas, epsilon and weight decay.
+        built["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
+    if not opts.config:
+        return built
+    user = read_user_config(opts.config, plugin)
+    check_agreement(user, built, plugin, opts.config, stage)
+    return merge(built, user)
+
+
+def apply(training_args: dict[str, Any], ds_config: dict[str, Any]) -> None:
+    """Hand the config to the Trainer, with the distributed set-up DeepSpeed needs.
+
+    DeepSpeed always runs in a process group: a run started without a launcher becomes a group of one (as
+    DeepSpeed's own launcher does). On a machine without GPUs, accelerate would not give DeepSpeed a backend,
+    so the process group is set up here over gloo and the Trainer told to use it.
+    """
+    import torch
+
+    training_args["deepspeed"] = ds_config
+    training_args["use_cpu"] = False
+    if os.environ.get("LOCAL_RANK") is None:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.cuda.is_available():
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        try:
+            PartialState(backend="gloo")
+        finally:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        training_args["accelerator_config"] = {"use_configured_state": True}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_user_config(path: str, plugin: str) -> dict[str, Any]:
+    file = Path(path)
+    flag = f"--{plugin}-config"
+    if not file.is_file():
+        raise ValueError(f"{flag} {path} does not exist; pass the path of a DeepSpeed JSON file")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{flag} {path} is not valid JSON ({exc}); fix the file") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{flag} {path} must hold a JSON object (a DeepSpeed config)")
+    return data
+
+
+# The DeepSpeed keys that lmflow's own options decide, and the flag that sets each.
+AGREED = {
+    ("train_micro_batch_size_per_gpu",): "--batch-size",
+    ("gradient_accumulation_steps",): "--grad-accum",
+    ("gradient_clipping",): "--max-grad-norm",
+    ("bf16", "enabled"): "--bf16",
+    ("fp16", "enabled"): "--fp16",
+    ("zero_optimization", "stage"): "the plugin",
+}
+
+
+def check_agreement(user: dict, built: dict, plugin: str, path: str, stage: int) -> None:
+    """A value in the user's JSON that contradicts the run's own options is an error naming both."""
+    for keys, flag in AGREED.items():
+        mine, theirs = built, user
+        for key in keys:
+            mine = mine.get(key) if isinstance(mine, dict) else None
+            theirs = theirs.get(key) if isinstance(theirs, dict) else None
+        if theirs is None or theirs == "auto" or theirs == mine:
+            continue
+        name = ".".join(keys)
+        if flag == "the plugin":
+            fix = f"use the zero{theirs} plugin, or remove zero_optimization.stage from the file"
+            raise ValueError(
+                f"{path} sets {name} to {theirs}, but the {plugin} plugin runs stage {stage}; {fix}"
+            )
+        raise ValueError(
+            f"{path} sets {name} to {theirs!r} but the run's {flag} gives {mine!r}; set {flag} instead, or "
+            f'remove the key or make it "auto"'
+        )
+
+
+def merge(base: dict, override: dict) -> dict:
+    """``override`` merged into a copy of ``base``, nested mappings key by key."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        elif value != "auto" or key not in out:
+            out[key] = value
+    return out
+
+
+CONFLICTS = {
+    "lisa": (
+        "DeepSpeed ZeRO partitions the optimizer once, for the parameters trainable when training starts, so "
+        "LISA's layer switching cannot take effect; run LISA with plain data parallelism (--nproc), where it "
+        "already keeps optimizer state only for the active layers"
+    ),
+    "fsdp": "both shard the model across processes; choose one engine",
+}
