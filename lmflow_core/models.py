@@ -65,10 +65,18 @@ def load_model_config(source: str, trust_remote_code: bool = False, option: str 
 
 
 def model_context(model_config: Any) -> int | None:
-    """The longest sequence a model config allows, if it says."""
-    return getattr(model_config, "max_position_embeddings", None) or getattr(
+    """The longest sequence a model config allows, if it says.
+
+    Dynamic NTK RoPE scaling keeps ``max_position_embeddings`` at the pretrained length (transformers rescales
+    the frequencies beyond it), so such a model's context is that length times the scaling factor.
+    """
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(
         model_config, "n_positions", None
     )
+    rope = getattr(model_config, "rope_parameters", None)
+    if context and isinstance(rope, dict) and rope.get("rope_type") == "dynamic" and rope.get("factor"):
+        return int(context * rope["factor"])
+    return context
 
 
 def pick_device(device: str = "auto") -> str:
