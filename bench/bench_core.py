@@ -59,29 +59,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- setup (parent) -----------------------------------------------------------------------------------------
 
 
-def prepare(args: argparse.Namespace, workdir: Path) -> None:
-    """Save one seeded model and one text dataset that both sides train on."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def llama_config(hidden: int, layers: int, block_size: int, tie: bool, vocab_size: int | None = None):
+    """The benchmarks' Llama shape, with the demo tokenizer's vocabulary and special tokens."""
+    from transformers import AutoTokenizer, LlamaConfig
 
-    from lmflow_core.demo import demo_dataset, demo_model_dir
+    from lmflow_core.demo import demo_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3 // 64 * 64 + 64,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        max_position_embeddings=max(512, args.block_size),
+    return LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64 + 64,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=max(512, block_size),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
     )
+
+
+def save_model(config, directory: Path) -> None:
+    """A model of ``config`` with seeded random weights and the demo tokenizer, saved to ``directory``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from lmflow_core.demo import demo_model_dir
+
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(workdir / "model")
-    tokenizer.save_pretrained(workdir / "model")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(demo_model_dir()).save_pretrained(directory)
+
+
+def prepare(args: argparse.Namespace, workdir: Path) -> None:
+    """Save one seeded model and one text dataset that both sides train on."""
+    from lmflow_core.demo import demo_dataset
+
+    save_model(llama_config(args.hidden, args.layers, args.block_size, tie=True), workdir / "model")
     conversations = json.loads(demo_dataset("train").read_text())["instances"]
     texts = [" ".join(m["content"] for m in c["messages"]) for c in conversations]
     (workdir / "data.json").write_text(

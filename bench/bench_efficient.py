@@ -45,7 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_core import Meter  # noqa: E402  (same measurement as the core benchmark)
+from bench_core import Meter, llama_config, save_model  # noqa: E402  (same model and measurement)
 
 METHODS = ("full", "lora", "lisa", "lisa_gc", "packing")
 PRESETS = {
@@ -112,27 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace, workdir: Path) -> None:
     """One seeded model and one variable-length text dataset (lengths log-uniform from 16 to the block)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from lmflow_core.demo import demo_dataset
 
-    from lmflow_core.demo import demo_dataset, demo_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3 // 64 * 64 + 64,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        max_position_embeddings=max(512, args.block_size),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(workdir / "model")
-    tokenizer.save_pretrained(workdir / "model")
+    save_model(llama_config(args.hidden, args.layers, args.block_size, tie=False), workdir / "model")
     conversations = json.loads(demo_dataset("train").read_text())["instances"]
     sentences = [" ".join(m["content"] for m in c["messages"]) for c in conversations]
     words_per_token = 0.7  # the demo tokenizer makes about 1.4 tokens per word of this corpus
@@ -385,21 +367,11 @@ def _forward(args: argparse.Namespace) -> list[str]:
 def layer_and_model_sizes(args: argparse.Namespace) -> tuple[int, int]:
     """Parameters of one decoder layer and of the whole model (for the LISA memory goal)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    from lmflow_core.demo import demo_model_dir
-
-    vocab = len(AutoTokenizer.from_pretrained(demo_model_dir()))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            LlamaConfig(
-                vocab_size=vocab,
-                hidden_size=args.hidden,
-                intermediate_size=args.hidden * 8 // 3 // 64 * 64 + 64,
-                num_hidden_layers=args.layers,
-                num_attention_heads=max(1, args.hidden // 64),
-                tie_word_embeddings=False,
-            )
+            llama_config(args.hidden, args.layers, args.block_size, tie=False)
         )
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     return layer, sum(p.numel() for p in model.parameters())

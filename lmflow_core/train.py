@@ -322,6 +322,9 @@ def quiet_libraries() -> None:
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not _accelerator_available():
+        # DeepSpeed (imported by the Trainer when installed) would warn that it found no GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _wait_for_everyone() -> None:

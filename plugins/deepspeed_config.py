@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmflow_core import PluginOption
+from lmflow_core import PluginOption, hookimpl
 
 INSTALL_HINT = "install it with: pip install 'lmflow[deepspeed]' (or pip install deepspeed)"
 
@@ -205,3 +205,26 @@ CONFLICTS = {
     ),
     "fsdp": "both shard the model across processes; choose one engine",
 }
+
+
+def hooks(plugin: str, stage: int) -> tuple[Any, ...]:
+    """The hook implementations of the ``zero<stage>`` plugin (the two plugins differ only in the stage)."""
+    other = "zero2" if stage == 3 else "zero3"
+
+    @hookimpl
+    def declare_options() -> list[PluginOption]:
+        return options(stage)
+
+    @hookimpl
+    def declare_conflicts() -> dict[str, str]:
+        return {**CONFLICTS, other: "choose one ZeRO stage"}
+
+    @hookimpl
+    def validate_config(config: Any) -> list[str]:
+        return problems(config, plugin, stage)
+
+    @hookimpl
+    def adjust_training_args(config: Any, training_args: dict[str, Any]) -> None:
+        apply(training_args, build(config, plugin, stage))
+
+    return declare_options, declare_conflicts, validate_config, adjust_training_args

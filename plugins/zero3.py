@@ -10,31 +10,11 @@ directory that ``from_pretrained`` loads.
 
 from __future__ import annotations
 
-from typing import Any
-
-from lmflow_core import PluginOption, hookimpl
-
 from . import deepspeed_config
 
 NAME = "zero3"
 STAGE = 3
 
-
-@hookimpl
-def declare_options() -> list[PluginOption]:
-    return deepspeed_config.options(STAGE)
-
-
-@hookimpl
-def declare_conflicts() -> dict[str, str]:
-    return {**deepspeed_config.CONFLICTS, "zero2": "choose one ZeRO stage"}
-
-
-@hookimpl
-def validate_config(config: Any) -> list[str]:
-    return deepspeed_config.problems(config, NAME, STAGE)
-
-
-@hookimpl
-def adjust_training_args(config: Any, training_args: dict[str, Any]) -> None:
-    deepspeed_config.apply(training_args, deepspeed_config.build(config, NAME, STAGE))
+declare_options, declare_conflicts, validate_config, adjust_training_args = deepspeed_config.hooks(
+    NAME, STAGE
+)
