@@ -230,14 +230,31 @@ def _run_callback(
     check_launch(launch)
     config, plugins = configure(config_file=config_file, **flags)
     if launch.distributed:
+        from .report import Reporter
+
+        Reporter(main=False).activate()  # plugins' notes come from the run's first process, not twice
         check_run(config, plugins)  # report a mistake once, here, rather than from every process
-        code = start(launch, strip_launch_args(ctx.meta[RAW_ARGS_KEY]))
+        run_args = strip_launch_args(ctx.meta[RAW_ARGS_KEY])
+        if ctx.meta.get(DEBUG_KEY) and "--debug" not in run_args:
+            run_args.append("--debug")  # given to the group (lmflow --debug run ...)
+        code = start(launch, run_args)
         if code != 0:
             raise LmflowError(
                 f"the run failed in one of its processes (exit code {code})", "see the messages above"
             )
         return
     execute(config, plugins)
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """End a launched process's process group before the interpreter exits: left to exit, the communication
+    threads of gloo/DeepSpeed can abort the process after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 run_command = PluginCommand(

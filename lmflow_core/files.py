@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import ConfigError
+
 
 def move_into_place(staging: Path, output_dir: Path) -> None:
     """Rename the finished directory ``staging`` to ``output_dir``.
@@ -22,3 +24,18 @@ def move_into_place(staging: Path, output_dir: Path) -> None:
     os.replace(staging, output_dir)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def check_output_apart(output_dir: Path, inputs: list[str | os.PathLike], flag: str = "--output") -> None:
+    """Refuse an output directory that is one of the inputs or holds one (replacing it would delete it)."""
+    target = Path(output_dir).expanduser().resolve()
+    for item in inputs:
+        source = Path(item).expanduser()
+        if not source.exists():
+            continue  # a hub id, or a path checked elsewhere
+        source = source.resolve()
+        if source == target or target in source.parents:
+            raise ConfigError(
+                f"{flag} {output_dir} is or contains the input {item}; writing there would delete it",
+                f"choose a {flag} outside the inputs",
+            )

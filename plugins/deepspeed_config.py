@@ -102,7 +102,7 @@ def build(config: Any, plugin: str, stage: int) -> dict[str, Any]:
     if not opts.config:
         return built
     user = read_user_config(opts.config, plugin)
-    check_agreement(user, built, plugin, opts.config, stage)
+    check_agreement(user, config, plugin, opts.config, stage)
     return merge(built, user)
 
 
@@ -117,6 +117,7 @@ def apply(training_args: dict[str, Any], ds_config: dict[str, Any]) -> None:
 
     training_args["deepspeed"] = ds_config
     training_args["use_cpu"] = False
+    training_args.update(optimizer_arguments(ds_config))
     if os.environ.get("LOCAL_RANK") is None:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -130,6 +131,18 @@ def apply(training_args: dict[str, Any], ds_config: dict[str, Any]) -> None:
         finally:
             del os.environ["ACCELERATE_USE_DEEPSPEED"]
         training_args["accelerator_config"] = {"use_configured_state": True}
+
+
+def optimizer_arguments(ds_config: dict[str, Any]) -> dict[str, float]:
+    """Optimizer settings lmflow has no flag for, taken from the DeepSpeed JSON so the Trainer agrees with it."""
+    params = (ds_config.get("optimizer") or {}).get("params") or {}
+    out: dict[str, float] = {}
+    betas = params.get("betas")
+    if isinstance(betas, (list, tuple)) and len(betas) == 2:
+        out["adam_beta1"], out["adam_beta2"] = float(betas[0]), float(betas[1])
+    if isinstance(params.get("eps"), (int, float)):
+        out["adam_epsilon"] = float(params["eps"])
+    return out
 
 
 def _free_port() -> int:
@@ -154,35 +167,45 @@ def read_user_config(path: str, plugin: str) -> dict[str, Any]:
     return data
 
 
-# The DeepSpeed keys that lmflow's own options decide, and the flag that sets each.
+# The DeepSpeed keys that lmflow's own options decide: the flag that sets each, and its value in the run.
 AGREED = {
-    ("train_micro_batch_size_per_gpu",): "--batch-size",
-    ("gradient_accumulation_steps",): "--grad-accum",
-    ("gradient_clipping",): "--max-grad-norm",
-    ("bf16", "enabled"): "--bf16",
-    ("fp16", "enabled"): "--fp16",
-    ("zero_optimization", "stage"): "the plugin",
+    ("train_micro_batch_size_per_gpu",): ("--batch-size", lambda c: c.batch_size),
+    ("gradient_accumulation_steps",): ("--grad-accum", lambda c: c.grad_accum),
+    ("gradient_clipping",): ("--max-grad-norm", lambda c: c.max_grad_norm),
+    ("bf16", "enabled"): ("--bf16", lambda c: bool(c.bf16)),
+    ("fp16", "enabled"): ("--fp16", lambda c: bool(c.fp16)),
+    ("optimizer", "params", "lr"): ("--learning-rate", lambda c: c.learning_rate),
+    ("optimizer", "params", "weight_decay"): ("--weight-decay", lambda c: c.weight_decay),
 }
 
 
-def check_agreement(user: dict, built: dict, plugin: str, path: str, stage: int) -> None:
+def check_agreement(user: dict, config: Any, plugin: str, path: str, stage: int) -> None:
     """A value in the user's JSON that contradicts the run's own options is an error naming both."""
-    for keys, flag in AGREED.items():
-        mine, theirs = built, user
+
+    def lookup(keys: tuple[str, ...]) -> Any:
+        value: Any = user
         for key in keys:
-            mine = mine.get(key) if isinstance(mine, dict) else None
-            theirs = theirs.get(key) if isinstance(theirs, dict) else None
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    theirs = lookup(("zero_optimization", "stage"))
+    if theirs not in (None, "auto", stage):
+        raise ValueError(
+            f"{path} sets zero_optimization.stage to {theirs}, but the {plugin} plugin runs stage {stage}; use "
+            f"the zero{theirs} plugin, or remove zero_optimization.stage from the file"
+        )
+    if user.get("train_batch_size", "auto") != "auto":
+        raise ValueError(
+            f"{path} sets train_batch_size, which lmflow derives from --batch-size x --grad-accum x the number "
+            'of processes; remove it (or make it "auto") and set --batch-size instead'
+        )
+    for keys, (flag, value_of) in AGREED.items():
+        theirs, mine = lookup(keys), value_of(config)
         if theirs is None or theirs == "auto" or theirs == mine:
             continue
-        name = ".".join(keys)
-        if flag == "the plugin":
-            fix = f"use the zero{theirs} plugin, or remove zero_optimization.stage from the file"
-            raise ValueError(
-                f"{path} sets {name} to {theirs}, but the {plugin} plugin runs stage {stage}; {fix}"
-            )
         raise ValueError(
-            f"{path} sets {name} to {theirs!r} but the run's {flag} gives {mine!r}; set {flag} instead, or "
-            f'remove the key or make it "auto"'
+            f"{path} sets {'.'.join(keys)} to {theirs!r} but the run's {flag} gives {mine!r}; set {flag} "
+            'instead, or remove the key or make it "auto"'
         )
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmflow_core import PluginOption, hookimpl
 from lmflow_core.errors import ConfigError, LmflowError
-from lmflow_core.files import move_into_place
+from lmflow_core.files import check_output_apart, move_into_place
 from lmflow_core.models import ADAPTER_CONFIG, RUN_RECORD, adapter_base, is_adapter, read_json
 
 if TYPE_CHECKING:
@@ -305,6 +305,19 @@ def on_checkpoint_load(config: Any, checkpoint_dir: str) -> None:
             f"{found['lora_alpha']}, DoRA {'on' if found['use_dora'] else 'off'})",
             "resume with the --lora-* options the checkpoint was trained with",
         )
+    # Other modules would silently start from scratch while the checkpoint's extra weights are dropped.
+    targets = target_modules(options.target_modules)
+    saved_targets = saved.get("target_modules")
+    saved_targets = {saved_targets} if isinstance(saved_targets, str) else set(saved_targets or [])
+    saved_kept = set(saved.get("modules_to_save") or [])
+    if (targets != ALL_LINEAR and set(targets) != saved_targets) or set(
+        parse_names(options.modules_to_save)
+    ) != saved_kept:
+        raise LmflowError(
+            f"checkpoint {checkpoint_dir} was trained with other LoRA modules (targets "
+            f"{', '.join(sorted(saved_targets)) or 'none'}; modules to save {', '.join(sorted(saved_kept)) or 'none'})",
+            "resume with the --lora-target-modules and --lora-modules-to-save the checkpoint was trained with",
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -355,9 +368,7 @@ def merge_lora(
         raise LmflowError(f"--dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
     if output_dir.exists() and not output_dir.is_dir():
         raise LmflowError(f"--output {output_dir} is a file", "choose a directory")
-    inputs = {adapter_dir.resolve(), Path(base).expanduser().resolve()}
-    if output_dir.resolve() in inputs:
-        raise LmflowError(f"--output {output_dir} is one of the inputs", "choose another --output")
+    check_output_apart(output_dir, [adapter_dir, base])
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise LmflowError(
             f"--output {output_dir} already exists and is not empty",

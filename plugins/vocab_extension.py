@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmflow_core import PluginOption, hookimpl
 from lmflow_core.errors import ConfigError, LmflowError
-from lmflow_core.files import move_into_place
+from lmflow_core.files import check_output_apart, move_into_place
 
 if TYPE_CHECKING:
     import click
@@ -509,6 +509,7 @@ def extend_vocabulary(
     """
     output_dir = Path(output)
     _check_output(output_dir, overwrite)
+    check_output_apart(output_dir, [*corpus, base])
     if vocab_size < 1:
         raise ConfigError(f"--vocab-size {vocab_size} must be positive", "pass the number of pieces to train")
     text = read_corpus(corpus)
@@ -743,17 +744,33 @@ def declare_conflicts() -> dict[str, str]:
     return {
         "lora": "a LoRA adapter does not carry resized embeddings that a base model loads; extend the vocabulary "
         "with a full fine-tuning run first",
+        "zero3": "ZeRO-3 partitions the embedding matrix across processes before it can be resized here; resize "
+        "it in a run without zero3 (or with zero2 / DDP) first",
     }
 
 
 @hookimpl
 def validate_config(config: Any) -> list[str]:
+    problems = []
     if not config.tokenizer:
-        return [
+        problems.append(
             "the vocab_extension plugin needs --tokenizer DIR: the extended tokenizer written by "
             "`lmflow vocab extend`"
-        ]
-    return []
+        )
+    if config.options_for(NAME).train_new_embeddings_only:
+        # The row mask sits on the embedding parameters themselves: engines that replace or shard them, and
+        # plugins that make other weights trainable, would quietly train more than the new rows.
+        for other, why in (
+            ("lisa", "lisa makes decoder layers trainable"),
+            ("fsdp", "fsdp replaces the embedding parameters with sharded ones"),
+            ("zero2", "zero2 updates its own copy of the weights"),
+        ):
+            if other in config.plugins:
+                problems.append(
+                    f"--train-new-embeddings-only cannot be combined with --plugins {other} ({why}); train the "
+                    f"new rows in a run without {other}"
+                )
+    return problems
 
 
 @hookimpl

@@ -245,6 +245,14 @@ def test_zero3_config_is_built_from_the_run_options(tmp_path):
     merged = deepspeed_config.build(config, "zero3", 3)
     assert merged["zero_optimization"]["reduce_bucket_size"] == 1000 and merged["x"] == 1
     assert merged["zero_optimization"]["stage"] == 3
+    assert deepspeed_config.optimizer_arguments(
+        {"optimizer": {"params": {"betas": [0.8, 0.95], "eps": 1e-6}}}
+    ) == {
+        "adam_beta1": 0.8,
+        "adam_beta2": 0.95,
+        "adam_epsilon": 1e-6,
+    }
+    assert deepspeed_config.optimizer_arguments(built) == {}  # "auto" leaves the Trainer's own
 
 
 @pytest.mark.parametrize(
@@ -253,6 +261,8 @@ def test_zero3_config_is_built_from_the_run_options(tmp_path):
         ({"train_micro_batch_size_per_gpu": 16}, "sets train_micro_batch_size_per_gpu to 16 but the run's --batch-size gives 8"),
         ({"bf16": {"enabled": True}}, "sets bf16.enabled to True but the run's --bf16 gives False"),
         ({"zero_optimization": {"stage": 2}}, "sets zero_optimization.stage to 2, but the zero3 plugin runs stage 3"),
+        ({"optimizer": {"params": {"lr": 3e-5}}}, "sets optimizer.params.lr to 3e-05 but the run's --learning-rate gives 2e-05"),
+        ({"train_batch_size": 64}, "sets train_batch_size, which lmflow derives from --batch-size"),
         ("not json", "is not valid JSON"),
     ],
 )  # fmt: skip

@@ -350,6 +350,10 @@ def test_a_resumed_lora_run_ends_with_the_uninterrupted_runs_adapter(
         refused, "trained with other LoRA settings (rank 4, alpha 8", "Resume with the --lora-*"
     )
     assert not (stopped / "adapter_model.safetensors").exists()
+    refused = invoke(
+        runner, *resume_args(base, data, stopped), "--resume", "--lora-target-modules", "q_proj,v_proj"
+    )
+    assert_one_line_error(refused, "trained with other LoRA modules", "--lora-target-modules")
 
     resumed = invoke(runner, *resume_args(base, data, stopped), "--resume")
     assert resumed.exit_code == 0, resumed.output + resumed.stderr
@@ -422,7 +426,8 @@ MERGE_ERRORS = {
     "not-an-adapter": ("is not a peft adapter directory", "Pass --adapter"),
     "missing-base": ("does not exist", "Check --base"),
     "wrong-base": ("does not fit the base model", "Pass --base the model the adapter was trained on"),
-    "output-is-adapter": ("is one of the inputs", "Choose another --output"),
+    "output-is-adapter": ("is or contains the input", "Choose a --output outside the inputs"),
+    "output-contains-adapter": ("is or contains the input", "writing there would delete it"),
 }
 
 
@@ -440,11 +445,15 @@ def test_merge_lora_errors_are_one_line_and_write_nothing(
         extra = ["--base", tmp_path / "no-such-model"]
     elif case == "wrong-base":
         extra = ["--base", tiny_gpt2]  # has none of the Llama layers the adapter targets
-    else:
+    elif case == "output-is-adapter":
         output = adapter
+    else:  # even with --overwrite, the directory holding the adapter is not replaced
+        output, extra = adapter.parent, ["--overwrite"]
     result = invoke(runner, "merge-lora", "--adapter", adapter, "--output", output, *extra)
     assert_one_line_error(result, *MERGE_ERRORS[case])
-    if case != "output-is-adapter":
+    if case.startswith("output-"):
+        assert (adapter / "adapter_config.json").is_file()
+    else:
         assert not output.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
