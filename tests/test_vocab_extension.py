@@ -533,6 +533,9 @@ def test_without_the_plugin_the_core_names_it_as_the_fix(
         ("not-an-extension", ["does not extend the model's tokenizer", "lmflow vocab extend --base"]),
         ("nothing-new", ["has no token beyond the model's own 911", "--train-new-embeddings-only"]),
         ("with-lora", ["vocab_extension", "lora"]),
+        ("with-zero3", ["vocab_extension", "zero3", "partitions the embedding matrix"]),
+        ("new-rows-with-lisa", ["--train-new-embeddings-only cannot be combined with --plugins lisa"]),
+        ("new-rows-with-fsdp", ["--train-new-embeddings-only cannot be combined with --plugins fsdp"]),
     ],
 )
 def test_run_errors_are_one_line_before_any_model_loads(
@@ -542,10 +545,16 @@ def test_run_errors_are_one_line_before_any_model_loads(
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a))
     tokenizer = {"not-an-extension": llama2_extended[0], "nothing-new": tiny_llama}.get(case, demo_extended)
     args = ["run", "--model", tiny_llama, "--dataset", docs_data, "--output-dir", tmp_path / "out"]
-    args += ["--plugins", "vocab_extension,lora" if case == "with-lora" else "vocab_extension"]
+    other = {
+        "with-lora": "lora",
+        "with-zero3": "zero3",
+        "new-rows-with-lisa": "lisa",
+        "new-rows-with-fsdp": "fsdp",
+    }
+    args += ["--plugins", ",".join(["vocab_extension", *([other[case]] if case in other else [])])]
     if case != "no-tokenizer":
         args += ["--tokenizer", tokenizer]
-    if case == "nothing-new":
+    if case == "nothing-new" or case.startswith("new-rows"):
         args += ["--train-new-embeddings-only"]
     assert_one_line_error(invoke(runner, *args), *fragments)
     assert loads == []
