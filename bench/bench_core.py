@@ -325,18 +325,32 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _child(workdir: Path, env: dict, args: argparse.Namespace, what: str) -> dict:
-    command = [sys.executable, __file__, "--child", what, "--workdir", str(workdir), *_forward(args)]
+    return run_child(__file__, workdir, env, what, forwarded(args, CHILD_ARGUMENTS))
+
+
+CHILD_ARGUMENTS = ("hidden", "layers", "block_size", "batch_size", "steps", "warmup_steps", "repeats")
+
+
+def run_child(script: str, workdir: Path, env: dict, what: str, arguments: list[str]) -> dict:
+    """Run ``script --child what`` in a fresh process; returns the JSON it prints last (exits on failure)."""
+    command = [sys.executable, script, "--child", what, "--workdir", str(workdir), *arguments]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"{what} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _forward(args: argparse.Namespace) -> list[str]:
+def forwarded(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """The command-line arguments that give a child process the same settings."""
     out = []
-    for name in ("hidden", "layers", "block_size", "batch_size", "steps", "warmup_steps", "repeats"):
+    for name in names:
         out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return out + (["--bf16"] if args.bf16 else [])
+
+
+def write_results(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
 
 
 def report(args: argparse.Namespace, runs: dict[str, list[dict]], memory: dict[str, list[dict]]) -> None:
@@ -376,18 +390,9 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], memory: dict[s
     ]
     print("\n".join(lines))
     out = args.out or HERE / "results" / f"core-{device.lower().replace(' ', '-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "settings": {k: str(v) for k, v in vars(args).items()},
-                "runs": runs,
-                "memory": memory,
-                "median": median,
-                "ratio": ratio,
-            },
-            indent=2,
-        )
+    settings = {k: str(v) for k, v in vars(args).items()}
+    write_results(
+        out, {"settings": settings, "runs": runs, "memory": memory, "median": median, "ratio": ratio}
     )
 
 

@@ -36,7 +36,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_core import Meter, llama_config, save_model  # noqa: E402  (same model and measurement)
+from bench_core import (  # noqa: E402  (same model, measurement and child processes)
+    Meter,
+    forwarded,
+    llama_config,
+    run_child,
+    save_model,
+    write_results,
+)
 
 METHODS = ("full", "lora", "lisa", "lisa_gc", "packing")
 PRESETS = {
@@ -346,22 +352,14 @@ def main(argv: list[str] | None = None) -> None:
     report(args, results, time.monotonic() - started)
 
 
+CHILD_ARGUMENTS = (
+    "hidden", "layers", "block_size", "batch_size", "steps", "warmup_steps", "repeats",
+    "lisa_layers", "lisa_interval", "lora_rank",
+)  # fmt: skip
+
+
 def _child(workdir: Path, env: dict, args: argparse.Namespace, what: str) -> dict:
-    command = [sys.executable, __file__, "--child", what, "--workdir", str(workdir), *_forward(args)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        sys.exit(f"{what} run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _forward(args: argparse.Namespace) -> list[str]:
-    out = []
-    for name in (
-        "hidden", "layers", "block_size", "batch_size", "steps", "warmup_steps", "repeats",
-        "lisa_layers", "lisa_interval", "lora_rank",
-    ):  # fmt: skip
-        out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return out + (["--bf16"] if args.bf16 else [])
+    return run_child(__file__, workdir, env, what, forwarded(args, CHILD_ARGUMENTS))
 
 
 def layer_and_model_sizes(args: argparse.Namespace) -> tuple[int, int]:
@@ -441,18 +439,9 @@ def report(args: argparse.Namespace, results: dict[str, dict], seconds: float) -
     lines.append(f"slowest lmflow / plain ratio: {slowest['speed_ratio']:.3f} (goal: at least 0.97)")
     print("\n".join(lines))
     out = args.out or HERE / "results" / f"efficient-{device.lower().replace(' ', '-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "settings": {k: str(v) for k, v in vars(args).items()},
-                "results": results,
-                "summary": summary,
-                "goals": goals,
-                "table": lines,
-            },
-            indent=2,
-        )
+    settings = {k: str(v) for k, v in vars(args).items()}
+    write_results(
+        out, {"settings": settings, "results": results, "summary": summary, "goals": goals, "table": lines}
     )
 
 
