@@ -297,11 +297,16 @@ def child(args: argparse.Namespace) -> None:
     if args.child != "speed":
         print(json.dumps(train_side(args, args.child)))
         return
+    print(json.dumps(alternating(args.repeats, lambda side: train_side(args, side))))
+
+
+def alternating(rounds: int, measure) -> dict[str, list[dict]]:
+    """``measure(side)`` for both sides, ``rounds`` times, the order flipped every round."""
     runs: dict[str, list[dict]] = {"plain": [], "lmflow": []}
-    for round_ in range(args.repeats):
+    for round_ in range(rounds):
         for side in ("plain", "lmflow") if round_ % 2 == 0 else ("lmflow", "plain"):
-            runs[side].append(train_side(args, side))
-    print(json.dumps(runs))
+            runs[side].append(measure(side))
+    return runs
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
@@ -317,10 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "LMFLOW_CACHE": str(workdir / "cache")}
         prepare(args, workdir)
         runs = _child(workdir, env, args, "speed")
-        memory: dict[str, list[dict]] = {"plain": [], "lmflow": []}
-        for round_ in range(args.memory_repeats):
-            for side in ("plain", "lmflow") if round_ % 2 == 0 else ("lmflow", "plain"):
-                memory[side].append(_child(workdir, env, args, side))
+        memory = alternating(args.memory_repeats, lambda side: _child(workdir, env, args, side))
     report(args, runs, memory)
 
 

@@ -46,6 +46,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_core import (  # noqa: E402  (same model, measurement and child processes)
     Meter,
+    alternating,
     forwarded,
     llama_config,
     run_child,
@@ -318,11 +319,7 @@ def child(args: argparse.Namespace) -> None:
     if kind != "speed":
         print(json.dumps(train_side(args, kind, method)))
         return
-    runs: dict[str, list[dict]] = {"plain": [], "lmflow": []}
-    for round_ in range(args.repeats):
-        for side in ("plain", "lmflow") if round_ % 2 == 0 else ("lmflow", "plain"):
-            runs[side].append(train_side(args, side, method))
-    print(json.dumps(runs))
+    print(json.dumps(alternating(args.repeats, lambda side: train_side(args, side, method))))
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
@@ -341,12 +338,14 @@ def main(argv: list[str] | None = None) -> None:
         prepare(args, workdir)
         for method in args.methods:
             speed = _child(workdir, env, args, f"speed:{method}")
-            memory: dict[str, list[dict]] = {"plain": [], "lmflow": []}
-            if args.memory_repeats == 0:
-                memory = speed
-            for round_ in range(args.memory_repeats):
-                for side in ("plain", "lmflow") if round_ % 2 == 0 else ("lmflow", "plain"):
-                    memory[side].append(_child(workdir, env, args, f"{side}:{method}"))
+            memory = (
+                alternating(
+                    args.memory_repeats,
+                    lambda side, method=method: _child(workdir, env, args, f"{side}:{method}"),
+                )
+                if args.memory_repeats
+                else speed  # on a GPU the speed runs' own peaks are exact
+            )
             results[method] = {"speed": speed, "memory": memory}
             print(f"{method}: done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
     report(args, results, time.monotonic() - started)

@@ -151,27 +151,21 @@ def measure(args: argparse.Namespace, target_path: Path, draft_path: Path) -> di
     prompts = [t[: len(t) // 3] for t in corpus(random.Random(1), args.prompts)]
     k, new = args.num_draft_tokens, args.new_tokens
 
-    def plain(ids):
+    def plain(ids, **extra):
         return target.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=False,
             max_new_tokens=new,
             pad_token_id=tokenizer.pad_token_id,
+            **extra,
         )
 
     def assisted(ids):
         draft.generation_config.num_assistant_tokens = k
         draft.generation_config.num_assistant_tokens_schedule = "constant"
         draft.generation_config.assistant_confidence_threshold = 0.0
-        return target.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=new,
-            pad_token_id=tokenizer.pad_token_id,
-            assistant_model=draft,
-        )
+        return plain(ids, assistant_model=draft)
 
     stats = {"accepted": 0, "proposed": 0}
 

@@ -521,19 +521,7 @@ def templates_render(
     from .templates import Conversation, get_template, render_text
 
     template = get_template(name)
-    try:
-        with open(messages_file, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise LmflowError(
-            f"cannot read messages from {messages_file}: {exc}", "pass a JSON list of {role, content}"
-        ) from exc
-    system = tools = None
-    if isinstance(data, dict):
-        data, system, tools = data.get("messages"), data.get("system"), data.get("tools")
-    if not isinstance(data, list) or not all(isinstance(m, dict) and "role" in m for m in data):
-        raise LmflowError(f'{messages_file} must hold a JSON list of {{"role", "content"}} objects')
-    conversation = Conversation.from_messages(data, system, tools)
+    conversation = Conversation.from_file(messages_file)
     segments = template.render(conversation, add_generation_prompt, _load_tokenizer(tokenizer))
     sys.stdout.write(render_text(segments))
 

@@ -7,7 +7,6 @@ named by ``--plugins`` (their flags appear once they are named).
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -153,7 +152,9 @@ def generate_command(**values: Any) -> None:
     """
     if bool(values["prompt"] is not None) == bool(values["messages_file"]):
         raise LmflowError("pass exactly one of --prompt and --messages")
-    messages = _read_messages(values["messages_file"]) if values["messages_file"] else None
+    from .templates import Conversation
+
+    messages = Conversation.from_file(values["messages_file"]) if values["messages_file"] else None
     options = generation_options(values)
     session = open_from_flags(values)
     stream = None if values["no_stream"] else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -165,24 +166,6 @@ def generate_command(**values: Any) -> None:
         sys.stdout.write(result.text)
     sys.stdout.write("\n")
     report_stats(result.stats)
-
-
-def _read_messages(path: str) -> Any:
-    from .templates import Conversation
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise LmflowError(
-            f"cannot read messages from {path}: {exc}", "pass a JSON list of {role, content}"
-        ) from exc
-    system = tools = None
-    if isinstance(data, dict):
-        data, system, tools = data.get("messages"), data.get("system"), data.get("tools")
-    if not isinstance(data, list) or not all(isinstance(m, dict) and "role" in m for m in data):
-        raise LmflowError(f'{path} must hold a JSON list of {{"role", "content"}} objects')
-    return Conversation.from_messages(data, system, tools)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -75,6 +75,24 @@ class Conversation:
             tools = json.loads(tools)
         return cls(turns, system, list(tools) if tools else None)
 
+    @classmethod
+    def from_file(cls, path: str | Path) -> Conversation:
+        """Read a ``--messages`` file: a JSON list of ``{"role", "content"}``, or an object with ``messages``
+        and optional ``system`` and ``tools``."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise LmflowError(
+                f"cannot read messages from {path}: {exc}", "pass a JSON list of {role, content}"
+            ) from exc
+        system = tools = None
+        if isinstance(data, dict):
+            data, system, tools = data.get("messages"), data.get("system"), data.get("tools")
+        if not isinstance(data, list) or not all(isinstance(m, dict) and "role" in m for m in data):
+            raise LmflowError(f'{path} must hold a JSON list of {{"role", "content"}} objects')
+        return cls.from_messages(data, system, tools)
+
     def to_dicts(self) -> list[dict[str, Any]]:
         """OpenAI-style message dicts, the system prompt first (what Jinja chat templates take)."""
         out: list[dict[str, Any]] = (

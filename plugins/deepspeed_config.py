@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmflow_core import PluginOption, hookimpl
+from lmflow_core.launch import free_port
 
 INSTALL_HINT = "install it with: pip install 'lmflow[deepspeed]' (or pip install deepspeed)"
 
@@ -121,7 +122,7 @@ def apply(training_args: dict[str, Any], ds_config: dict[str, Any]) -> None:
     if os.environ.get("LOCAL_RANK") is None:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not torch.cuda.is_available():
         from accelerate import PartialState
 
@@ -143,14 +144,6 @@ def optimizer_arguments(ds_config: dict[str, Any]) -> dict[str, float]:
     if isinstance(params.get("eps"), (int, float)):
         out["adam_epsilon"] = float(params["eps"])
     return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_user_config(path: str, plugin: str) -> dict[str, Any]:

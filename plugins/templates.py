@@ -8,6 +8,7 @@ template; the tests compare them, conversation for conversation, with the publis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,17 +27,46 @@ from lmflow_core.templates import (
 SYSTEM_FIRST_USER = "no system turn: the system prompt is put in front of the first user message"
 
 
-def chatml(name: str, description: str, **fields: Any) -> TurnTemplate:
-    """A ChatML-shaped template (``<|im_start|>role\\n...<|im_end|>\\n``)."""
-    base: dict[str, Any] = {
-        "system": "<|im_start|>system\n{content}<|im_end|>\n",
-        "user": "<|im_start|>user\n{content}<|im_end|>\n",
-        "assistant_header": "<|im_start|>assistant\n",
-        "assistant": "{content}<|im_end|>",
-        "assistant_trailer": "\n",
-        "stop_strings": ("<|im_end|>",),
-    }
-    return TurnTemplate(name=name, description=description, **{**base, **fields})
+def family(**base: Any) -> Callable[..., TurnTemplate]:
+    """A maker of the templates of one family: ``make(name, description, **differences)``."""
+
+    def make(name: str, description: str, **fields: Any) -> TurnTemplate:
+        return TurnTemplate(name=name, description=description, **{**base, **fields})
+
+    return make
+
+
+# ChatML (``<|im_start|>role\\n...<|im_end|>\\n``): chatml, qwen2.
+chatml = family(
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant_header="<|im_start|>assistant\n",
+    assistant="{content}<|im_end|>",
+    assistant_trailer="\n",
+    stop_strings=("<|im_end|>",),
+)
+# Gemma instruct (``<start_of_turn>user/model ... <end_of_turn>``): gemma, gemma2, gemma3.
+gemma = family(
+    system=None,
+    system_in_first_user="{content}\n\n",
+    user="<start_of_turn>user\n{content}<end_of_turn>\n",
+    assistant_header="<start_of_turn>model\n",
+    assistant="{content}<end_of_turn>",
+    assistant_trailer="\n",
+    strip_content=True,
+    stop_strings=("<end_of_turn>",),
+    system_note=SYSTEM_FIRST_USER,
+)
+# Phi-3 (``<|user|> ... <|end|>``): phi3, phi3_small.
+phi3 = family(
+    system="<|system|>\n{content}<|end|>\n",
+    user="<|user|>\n{content}<|end|>\n",
+    assistant_header="<|assistant|>\n",
+    assistant="{content}<|end|>",
+    assistant_trailer="\n",
+    strip_content=True,
+    stop_strings=("<|end|>", "<|endoftext|>"),
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -339,72 +369,17 @@ TEMPLATES: list[Template] = [
         stop_strings=("</s>",),
         system_note="the system prompt comes first, before [INST]",
     ),
-    TurnTemplate(
-        name="gemma",
-        description="Gemma instruct (<start_of_turn>user/model ... <end_of_turn>)",
-        system=None,
-        system_in_first_user="{content}\n\n",
-        user="<start_of_turn>user\n{content}<end_of_turn>\n",
-        assistant_header="<start_of_turn>model\n",
-        assistant="{content}<end_of_turn>",
-        assistant_trailer="\n",
-        strip_content=True,
-        stop_strings=("<end_of_turn>",),
-        system_note=SYSTEM_FIRST_USER,
-    ),
-    TurnTemplate(
-        name="gemma2",
-        description="Gemma 2 instruct: as gemma, starting with <bos>",
+    gemma("gemma", "Gemma instruct (<start_of_turn>user/model ... <end_of_turn>)"),
+    gemma("gemma2", "Gemma 2 instruct: as gemma, starting with <bos>", prefix="<bos>"),
+    gemma(
+        "gemma3",
+        "Gemma 3 instruct: <bos>, system prompt kept as is before the first user text",
         prefix="<bos>",
-        system=None,
-        system_in_first_user="{content}\n\n",
-        user="<start_of_turn>user\n{content}<end_of_turn>\n",
-        assistant_header="<start_of_turn>model\n",
-        assistant="{content}<end_of_turn>",
-        assistant_trailer="\n",
-        strip_content=True,
-        stop_strings=("<end_of_turn>",),
-        system_note=SYSTEM_FIRST_USER,
-    ),
-    TurnTemplate(
-        name="gemma3",
-        description="Gemma 3 instruct: <bos>, system prompt kept as is before the first user text",
-        prefix="<bos>",
-        system=None,
-        system_in_first_user="{content}\n\n",
         system_outside_strip=True,
         strip_system=False,
-        user="<start_of_turn>user\n{content}<end_of_turn>\n",
-        assistant_header="<start_of_turn>model\n",
-        assistant="{content}<end_of_turn>",
-        assistant_trailer="\n",
-        strip_content=True,
-        stop_strings=("<end_of_turn>",),
-        system_note=SYSTEM_FIRST_USER,
     ),
-    TurnTemplate(
-        name="phi3",
-        description="Phi-3 / Phi-3.5 (<|user|> ... <|end|>)",
-        system="<|system|>\n{content}<|end|>\n",
-        user="<|user|>\n{content}<|end|>\n",
-        assistant_header="<|assistant|>\n",
-        assistant="{content}<|end|>",
-        assistant_trailer="\n",
-        strip_content=True,
-        stop_strings=("<|end|>", "<|endoftext|>"),
-    ),
-    TurnTemplate(
-        name="phi3_small",
-        description="Phi-3 small: as phi3, starting with <|endoftext|>",
-        prefix="<|endoftext|>",
-        system="<|system|>\n{content}<|end|>\n",
-        user="<|user|>\n{content}<|end|>\n",
-        assistant_header="<|assistant|>\n",
-        assistant="{content}<|end|>",
-        assistant_trailer="\n",
-        strip_content=True,
-        stop_strings=("<|end|>", "<|endoftext|>"),
-    ),
+    phi3("phi3", "Phi-3 / Phi-3.5 (<|user|> ... <|end|>)"),
+    phi3("phi3_small", "Phi-3 small: as phi3, starting with <|endoftext|>", prefix="<|endoftext|>"),
     TurnTemplate(
         name="zephyr",
         description="Zephyr (<|user|> ... </s>)",

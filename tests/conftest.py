@@ -191,3 +191,22 @@ def model_loads(monkeypatch):
 
         monkeypatch.setattr(AutoModelForCausalLM, name, classmethod(spy))
     return calls
+
+
+@pytest.fixture(scope="session")
+def chat_model(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny Llama fine-tuned by lmflow for 3 steps (so it carries its template, chatml); read-only."""
+    from lmflow_core import run
+
+    tmp = tmp_path_factory.mktemp("chat-model")
+    data = write_json(tmp / "c.json", {"type": "conversation", "instances": conversations(16)})
+    run(
+        model=str(tiny_llama),
+        dataset=str(data),
+        template="chatml",
+        output_dir=str(tmp / "model"),
+        max_steps=3,
+        save_steps=0,
+        learning_rate=1e-3,
+    )
+    return tmp / "model"

@@ -13,29 +13,11 @@ import torch
 from conftest import conversations, invoke, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmflow_core import run
 from lmflow_core.generate import GenerationOptions, TextStream, visible_text
 from lmflow_core.inference import open_session
 from lmflow_core.templates import Conversation, get_template, render_text
 
 LMFLOW = Path(sys.executable).with_name("lmflow")
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_llama, tmp_path_factory) -> Path:
-    """A tiny model fine-tuned by lmflow (so it carries its template, chatml)."""
-    tmp = tmp_path_factory.mktemp("trained")
-    data = write_json(tmp / "c.json", {"type": "conversation", "instances": conversations(16)})
-    run(
-        model=str(tiny_llama),
-        dataset=str(data),
-        template="chatml",
-        output_dir=str(tmp / "out"),
-        max_steps=3,
-        save_steps=0,
-        learning_rate=1e-3,
-    )
-    return tmp / "out"
 
 
 # ---- visible text and streaming -----------------------------------------------------------------------------------
@@ -52,8 +34,8 @@ def test_visible_text_cuts_at_stops_and_hides_special_tokens():
     assert visible_text("caf\ufffd", stops, specials, False) == ("caf", False)
 
 
-def test_streamed_pieces_add_up_to_the_final_text(trained):
-    tokenizer = AutoTokenizer.from_pretrained(trained)
+def test_streamed_pieces_add_up_to_the_final_text(chat_model):
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
     text = "The answer is 42.<|im_end|>\n<|im_start|>user\nnext"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = []
@@ -68,8 +50,8 @@ def test_streamed_pieces_add_up_to_the_final_text(trained):
 # ---- sessions -------------------------------------------------------------------------------------------------------
 
 
-def test_session_uses_the_stored_template_and_stops_at_the_end_of_turn(trained):
-    session = open_session(str(trained))
+def test_session_uses_the_stored_template_and_stops_at_the_end_of_turn(chat_model):
+    session = open_session(str(chat_model))
     assert session.template_name == "chatml"
     messages = [{"role": "user", "content": "What is 3 plus 1?"}]
     result = session.chat(messages, GenerationOptions(max_new_tokens=12))
@@ -91,10 +73,10 @@ def test_session_uses_the_stored_template_and_stops_at_the_end_of_turn(trained):
     assert result.prompt_tokens == ids.shape[1] and result.finish_reason in ("stop", "length")
 
 
-def test_an_adapter_directory_generates_like_its_merged_model(trained, tmp_path):
+def test_an_adapter_directory_generates_like_its_merged_model(chat_model, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    base = AutoModelForCausalLM.from_pretrained(trained)
+    base = AutoModelForCausalLM.from_pretrained(chat_model)
     peft_model = get_peft_model(
         base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
@@ -123,20 +105,20 @@ def test_missing_model_and_template_problems_are_one_line_errors(runner, tiny_ll
 # ---- lmflow generate / chat -------------------------------------------------------------------------------------------
 
 
-def test_generate_with_a_prompt_and_with_messages(runner, trained, tmp_path):
+def test_generate_with_a_prompt_and_with_messages(runner, chat_model, tmp_path):
     by_prompt = invoke(
-        runner, "generate", trained, "--prompt", "What is", "--max-new-tokens", "5", "--no-stream"
+        runner, "generate", chat_model, "--prompt", "What is", "--max-new-tokens", "5", "--no-stream"
     )
     assert by_prompt.exit_code == 0, by_prompt.stderr
     messages = write_json(tmp_path / "m.json", [{"role": "user", "content": "What is 3 plus 1?"}])
-    streamed = invoke(runner, "generate", trained, "--messages", messages, "--max-new-tokens", "12")
+    streamed = invoke(runner, "generate", chat_model, "--messages", messages, "--max-new-tokens", "12")
     whole = invoke(
-        runner, "generate", trained, "--messages", messages, "--max-new-tokens", "12", "--no-stream"
+        runner, "generate", chat_model, "--messages", messages, "--max-new-tokens", "12", "--no-stream"
     )
     assert streamed.exit_code == whole.exit_code == 0
     assert streamed.stdout == whole.stdout  # streaming shows exactly the final text
     expected = (
-        open_session(str(trained))
+        open_session(str(chat_model))
         .chat(json.loads(messages.read_text()), GenerationOptions(max_new_tokens=12))
         .text
     )
@@ -145,7 +127,7 @@ def test_generate_with_a_prompt_and_with_messages(runner, trained, tmp_path):
         invoke(
             runner,
             "generate",
-            trained,
+            chat_model,
             "--messages",
             messages,
             "--temperature",
@@ -161,10 +143,10 @@ def test_generate_with_a_prompt_and_with_messages(runner, trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_chat_through_a_pipe_keeps_history_and_obeys_commands(trained):
+def test_chat_through_a_pipe_keeps_history_and_obeys_commands(chat_model):
     script = "What is 1 plus 1?\n/system Answer in one word.\nAnd 2 plus 2?\n/reset\nWhat is 5 plus 1?\n/nonsense\n/exit\nignored\n"
     done = subprocess.run(
-        [str(LMFLOW), "chat", str(trained), "--max-new-tokens", "8"],
+        [str(LMFLOW), "chat", str(chat_model), "--max-new-tokens", "8"],
         input=script,
         capture_output=True,
         text=True,
@@ -176,7 +158,7 @@ def test_chat_through_a_pipe_keeps_history_and_obeys_commands(trained):
     assert lines[5].startswith("(unknown command /nonsense")
     assert len(lines) == 6  # three replies and three notices; nothing after /exit
     # Each reply is what the session gives for that conversation (history, system prompt, reset).
-    session = open_session(str(trained))
+    session = open_session(str(chat_model))
     options = GenerationOptions(max_new_tokens=8)
     first = session.chat([{"role": "user", "content": "What is 1 plus 1?"}], options).text
     second = session.chat(
@@ -220,14 +202,14 @@ def direct_nll(model, ids: list[int], labels: list[int], window: int, stride: in
     return total
 
 
-def test_evaluate_matches_a_direct_computation_with_a_sliding_window(runner, trained, tmp_path):
+def test_evaluate_matches_a_direct_computation_with_a_sliding_window(runner, chat_model, tmp_path):
     texts = [{"text": "one two three four five six seven eight nine ten " * 6}, {"text": "short text here"}]
     data = write_json(tmp_path / "t.json", {"type": "text_only", "instances": texts})
     report_path = tmp_path / "report.json"
     result = invoke(
         runner,
         "evaluate",
-        trained,
+        chat_model,
         "--dataset",
         data,
         "--window",
@@ -242,8 +224,8 @@ def test_evaluate_matches_a_direct_computation_with_a_sliding_window(runner, tra
     report = json.loads(report_path.read_text())
     assert report["examples_longer_than_window"] == 1 and report["window"] == 32 and report["stride"] == 12
 
-    tokenizer = AutoTokenizer.from_pretrained(trained)
-    model = AutoModelForCausalLM.from_pretrained(trained)
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    model = AutoModelForCausalLM.from_pretrained(chat_model)
     sums, counts = [], []
     for item in texts:
         ids = tokenizer(item["text"])["input_ids"] + [tokenizer.eos_token_id]
@@ -256,11 +238,11 @@ def test_evaluate_matches_a_direct_computation_with_a_sliding_window(runner, tra
     assert math.isclose(metrics["perplexity"], math.exp(sum(sums) / sum(counts)), rel_tol=1e-4)
 
 
-def test_evaluate_scores_only_assistant_tokens_of_conversations(trained, tmp_path):
+def test_evaluate_scores_only_assistant_tokens_of_conversations(chat_model, tmp_path):
     from lmflow_core.evaluation import evaluate_dataset
 
     data = write_json(tmp_path / "c.json", {"type": "conversation", "instances": conversations(4)})
-    session = open_session(str(trained))
+    session = open_session(str(chat_model))
     report = evaluate_dataset(session, str(data))
     template = get_template("chatml")
     tokenizer = session.tokenizer

@@ -16,6 +16,7 @@ from lmflow_plugins.lisa import active_layers, find_layers, innermost_optimizer
 from safetensors.torch import load_file
 
 from lmflow_core import hookimpl
+from lmflow_core.launch import free_port
 from lmflow_core.train import run
 
 LAYERS = 6
@@ -317,14 +318,6 @@ run(model=model, dataset=data, template="chatml", plugins=["lisa"], lisa={"inter
     max_steps=5, batch_size=2, learning_rate=1e-2, logging_steps=1, save_steps=0, output_dir=out,
     gradient_checkpointing=True, extra_plugins={"spy": Spy})
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,44 +12,31 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import conversations, write_json
 
-from lmflow_core import run
 from lmflow_core.generate import GenerationOptions
 from lmflow_core.inference import open_session
+from lmflow_core.launch import free_port
 
 LMFLOW = Path(sys.executable).with_name("lmflow")
 KEY = "test-key"
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def trained(tiny_llama, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("served")
-    data = write_json(tmp / "c.json", {"type": "conversation", "instances": conversations(16)})
-    run(
-        model=str(tiny_llama),
-        dataset=str(data),
-        template="chatml",
-        output_dir=str(tmp / "model"),
-        max_steps=3,
-        save_steps=0,
-        learning_rate=1e-3,
-    )
-    return tmp / "model"
-
-
-@pytest.fixture(scope="module")
-def server(trained):
+def server(chat_model):
     port = free_port()
     process = subprocess.Popen(
-        [str(LMFLOW), "serve", str(trained), "--port", str(port), "--api-key", KEY, "--max-new-tokens", "24"],
+        [
+            str(LMFLOW),
+            "serve",
+            str(chat_model),
+            "--port",
+            str(port),
+            "--api-key",
+            KEY,
+            "--max-new-tokens",
+            "24",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -92,30 +78,30 @@ def post(base: str, body: bytes | dict, key: str = KEY) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def test_models_are_listed(client, trained):
+def test_models_are_listed(client, chat_model):
     models = client.models.list()
-    assert [m.id for m in models.data] == [trained.name]
+    assert [m.id for m in models.data] == [chat_model.name]
 
 
-def test_chat_completion_equals_the_local_greedy_reply(client, trained):
+def test_chat_completion_equals_the_local_greedy_reply(client, chat_model):
     messages = [{"role": "user", "content": "What is 2 plus 1?"}]
     response = client.chat.completions.create(
-        model=trained.name, messages=messages, temperature=0, max_tokens=12
+        model=chat_model.name, messages=messages, temperature=0, max_tokens=12
     )
-    expected = open_session(str(trained)).chat(messages, GenerationOptions(max_new_tokens=12))
+    expected = open_session(str(chat_model)).chat(messages, GenerationOptions(max_new_tokens=12))
     assert response.choices[0].message.content == expected.text
     assert response.choices[0].finish_reason == expected.finish_reason
     assert response.usage.prompt_tokens == expected.prompt_tokens
     assert response.usage.completion_tokens == expected.completion_tokens
 
 
-def test_streaming_sends_the_same_text_in_pieces(client, trained):
+def test_streaming_sends_the_same_text_in_pieces(client, chat_model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 4 plus 1?"}]
     whole = client.chat.completions.create(
-        model=trained.name, messages=messages, temperature=0, max_tokens=16
+        model=chat_model.name, messages=messages, temperature=0, max_tokens=16
     )
     stream = client.chat.completions.create(
-        model=trained.name, messages=messages, temperature=0, max_tokens=16, stream=True
+        model=chat_model.name, messages=messages, temperature=0, max_tokens=16, stream=True
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -132,7 +118,7 @@ def test_a_wrong_api_key_is_refused(server):
         OpenAI(base_url=f"{server[0]}/v1", api_key="wrong").models.list()
 
 
-def test_malformed_requests_get_4xx_json_errors_and_the_server_keeps_serving(server, trained, client):
+def test_malformed_requests_get_4xx_json_errors_and_the_server_keeps_serving(server, chat_model, client):
     base = server[0]
     cases = [
         ({"messages": []}, 400, "messages"),
@@ -149,14 +135,14 @@ def test_malformed_requests_get_4xx_json_errors_and_the_server_keeps_serving(ser
         assert fragment in payload["error"]["message"] and payload["error"]["type"]
     assert post(base, {"messages": [{"role": "user", "content": "hi"}]}, key="bad")[0] == 401
     ok = client.chat.completions.create(
-        model=trained.name, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        model=chat_model.name, messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
     assert ok.choices[0].message.role == "assistant"
 
 
-def test_a_port_in_use_is_reported_before_loading(server, trained):
+def test_a_port_in_use_is_reported_before_loading(server, chat_model):
     done = subprocess.run(
-        [str(LMFLOW), "serve", str(trained), "--port", str(server[1])],
+        [str(LMFLOW), "serve", str(chat_model), "--port", str(server[1])],
         capture_output=True,
         text=True,
         timeout=120,
@@ -169,12 +155,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
-def test_the_chat_page_answers_in_a_real_browser(server, trained, tmp_path):
+def test_the_chat_page_answers_in_a_real_browser(server, chat_model, tmp_path):
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
     expected = (
-        open_session(str(trained))
+        open_session(str(chat_model))
         .chat([{"role": "user", "content": "What is 6 plus 1?"}], GenerationOptions(max_new_tokens=24))
         .text
     )
@@ -192,7 +178,7 @@ def test_the_chat_page_answers_in_a_real_browser(server, trained, tmp_path):
         page = browser.new_page(viewport={"width": 1000, "height": 800})
         page.goto(server[0] + "/", wait_until="domcontentloaded")
         page.wait_for_selector("#lmflow-input textarea", timeout=60_000)
-        assert f"lmflow chat: {trained.name}" in page.inner_text("body")
+        assert f"lmflow chat: {chat_model.name}" in page.inner_text("body")
         assert page.inner_text("body").count("Settings") == 2  # the settings accordion and the footer link
         box = page.locator("#lmflow-input textarea")
         box.fill("What is 6 plus 1?")
