@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,24 +223,34 @@ class TurnTemplate(Template):
     """A template described by the text around each turn; covers most chat formats.
 
     Each pattern may contain ``{content}`` (the message text), ``{bos_token}`` and ``{eos_token}`` (the
-    tokenizer's; a template of a model family writes the family's own strings instead).
+    tokenizer's; a template of a model family writes the family's own strings instead, e.g. ``"<bos>"``, so
+    that it renders the same text with or without a tokenizer).
 
     Attributes:
-        prefix: text at the very start (e.g. ``"<s>"``).
+        prefix: text at the very start, usually the family's BOS (e.g. ``"<s>"``).
         system: the system turn; ``None`` when the family has no system turn.
         system_in_first_user: when the family has no system turn, a pattern for the system prompt placed in
             front of the first user message (e.g. Llama 2's ``<<SYS>>`` block); with neither, a system prompt
             is an error.
+        system_in_last_user: put the ``system_in_first_user`` text in front of the last message instead, when
+            that is a user message, and nowhere otherwise (Mistral v2/v3 do this).
         system_outside_strip: the text from ``system_in_first_user`` is not stripped with the user's text.
+        skip_empty_system: no system turn for an empty system prompt (Phi-3.5 tests its truth).
         user: the user turn.
         assistant_header: opens an assistant turn; not trained; also the generation prompt.
         assistant: the trained part of an assistant turn: the text and the end-of-turn marker the model must
             learn to stop with (e.g. ``"{content}<|im_end|>"``).
         assistant_trailer: text after the trained part (not trained, e.g. a newline).
-        default_system: system prompt used when the conversation has none.
+        default_system: system prompt used when the conversation has none; ``{today}`` in it becomes the
+            date (``YYYY-MM-DD``), as ``strftime_now`` does in the family's own template.
         strip_content: strip whitespace around message text, as many families' own templates do.
         strip_system: strip whitespace around the system prompt (default: as ``strip_content``).
+        strip_user: strip whitespace around user messages (default: as ``strip_content``).
+        strip_assistant: strip whitespace around assistant messages (default: as ``strip_content``).
+        drop_reasoning: keep only the text after the last ``</think>`` of an assistant message.
         content_replacements: ``[old, new]`` pairs applied to message text before stripping.
+        tokenize_per_bos: for training, tokenize each piece of the text that starts with the BOS on its own
+            (so each piece gets the tokenizer's leading-space marker, as Meta's Llama 2 code encodes turns).
     """
 
     name: str = ""
@@ -247,7 +258,9 @@ class TurnTemplate(Template):
     prefix: str = ""
     system: str | None = "{content}"
     system_in_first_user: str | None = None
+    system_in_last_user: bool = False
     system_outside_strip: bool = False
+    skip_empty_system: bool = False
     user: str = "{content}"
     assistant_header: str = ""
     assistant: str = "{content}"
@@ -255,7 +268,11 @@ class TurnTemplate(Template):
     default_system: str | None = None
     strip_content: bool = False
     strip_system: bool | None = None
+    strip_user: bool | None = None
+    strip_assistant: bool | None = None
+    drop_reasoning: bool = False
     content_replacements: tuple[tuple[str, str], ...] = ()
+    tokenize_per_bos: bool = False
     stop_strings: tuple[str, ...] = field(default=())
     system_note: str = ""
 
@@ -267,40 +284,53 @@ class TurnTemplate(Template):
                 "remove the system prompt or choose a template that supports one",
             )
 
-    def _clean(self, text: str) -> str:
+    def _strips(self, role: str) -> bool:
+        own = {"user": self.strip_user, "assistant": self.strip_assistant, "system": self.strip_system}[role]
+        return self.strip_content if own is None else own
+
+    def _clean(self, text: str, role: str = "assistant") -> str:
+        if self.drop_reasoning and role == "assistant":
+            text = text.split("</think>")[-1]
         for old, new in self.content_replacements:
             text = text.replace(old, new)
-        return text.strip() if self.strip_content else text
+        return text.strip() if self._strips(role) else text
 
     def _system_text(self, text: str) -> str:
-        strip = self.strip_content if self.strip_system is None else self.strip_system
-        return text.strip() if strip else text
+        return text.strip() if self._strips("system") else text
+
+    def _default_system(self) -> str | None:
+        if self.default_system is None or "{today}" not in self.default_system:
+            return self.default_system
+        import datetime
+
+        return self.default_system.replace("{today}", datetime.datetime.now().strftime("%Y-%m-%d"))
 
     def render(
         self, conversation: Conversation, add_generation_prompt: bool = False, tokenizer: Any = None
     ) -> list[Segment]:
         self.check(conversation)
         specials = self.special_tokens(tokenizer)
+        messages = conversation.messages
         segments = [Segment(_fill(self.prefix, None, specials))]
-        system = conversation.system if conversation.system is not None else self.default_system
-        first_user_prefix = None
-        if system is not None:
-            if self.system is not None:
+        system = conversation.system if conversation.system is not None else self._default_system()
+        user_prefix, prefix_at = None, -1
+        if system is not None and self.system is not None:
+            if system or not self.skip_empty_system:
                 segments.append(Segment(_fill(self.system, self._system_text(system), specials)))
+        elif system is not None:
+            user_prefix = _fill(self.system_in_first_user or "", self._system_text(system), specials)
+            if self.system_in_last_user:
+                prefix_at = len(messages) - 1 if messages[-1].role == "user" else -1
             else:
-                first_user_prefix = _fill(
-                    self.system_in_first_user or "", self._system_text(system), specials
-                )
-        for message in conversation.messages:
+                prefix_at = next(i for i, m in enumerate(messages) if m.role == "user")
+        for i, message in enumerate(messages):
             if message.role == "user":
-                text = message.content
-                if first_user_prefix is not None and not self.system_outside_strip:
-                    text = self._clean(first_user_prefix + text)
-                elif first_user_prefix is not None:
-                    text = first_user_prefix + self._clean(text)
+                if i != prefix_at:
+                    text = self._clean(message.content, "user")
+                elif self.system_outside_strip:
+                    text = user_prefix + self._clean(message.content, "user")
                 else:
-                    text = self._clean(text)
-                first_user_prefix = None
+                    text = self._clean(user_prefix + message.content, "user")
                 segments.append(Segment(_fill(self.user, text, specials)))
             else:
                 segments.append(Segment(_fill(self.assistant_header, None, specials)))
@@ -326,49 +356,59 @@ class TurnTemplate(Template):
                     parts.append(json.dumps(piece))
             return " + ".join(parts) if parts else "''"
 
-        def clean(var: str) -> str:
+        def clean(var: str, role: str) -> str:
             expr = var
+            if self.drop_reasoning and role == "assistant":
+                expr = f"{expr}.split('</think>')[-1]"
             for old, new in self.content_replacements:
                 expr = f"{expr}.replace({json.dumps(old)}, {json.dumps(new)})"
-            return f"({expr} | trim)" if self.strip_content else expr
+            return f"({expr} | trim)" if self._strips(role) else expr
 
-        message_content = "message['content']"
-        strip_system = self.strip_content if self.strip_system is None else self.strip_system
-        sys_expr = "(system | trim)" if strip_system else "system"
+        content = "message['content']"
+        sys_expr = "(system | trim)" if self._strips("system") else "system"
         default = json.dumps(self.default_system) if self.default_system is not None else "none"
+        if self.default_system is not None and "{today}" in self.default_system:
+            default = f"{default}.replace('{{today}}', strftime_now('%Y-%m-%d'))"
         lines = [
             "{%- if messages and messages[0]['role'] == 'system' -%}",
             "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
             f"{{%- else -%}}{{%- set system = {default} -%}}{{%- set loop_messages = messages -%}}{{%- endif -%}}",
             f"{{{{- {literal(self.prefix)} -}}}}",
-            "{%- set ns = namespace(first_user_prefix=none) -%}",
+            "{%- set ns = namespace(user_prefix=none, prefix_at=-1) -%}",
             "{%- if system is not none -%}",
         ]
         if self.system is not None:
-            lines.append(f"{{{{- {literal(self.system, sys_expr)} -}}}}")
+            turn = f"{{{{- {literal(self.system, sys_expr)} -}}}}"
+            lines.append(f"{{%- if system -%}}{turn}{{%- endif -%}}" if self.skip_empty_system else turn)
         elif self.system_in_first_user is not None:
-            lines.append(
-                f"{{%- set ns.first_user_prefix = {literal(self.system_in_first_user, sys_expr)} -%}}"
-            )
+            lines.append(f"{{%- set ns.user_prefix = {literal(self.system_in_first_user, sys_expr)} -%}}")
+            if self.system_in_last_user:
+                lines.append(
+                    "{%- if loop_messages and loop_messages[-1]['role'] == 'user' -%}"
+                    "{%- set ns.prefix_at = loop_messages | length - 1 -%}{%- endif -%}"
+                )
+            else:  # the first user message
+                lines.append(
+                    "{%- for message in loop_messages -%}"
+                    "{%- if ns.prefix_at < 0 and message['role'] == 'user' -%}"
+                    "{%- set ns.prefix_at = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+                )
         else:
             lines.append("{{- raise_exception('This template has no system prompt.') -}}")
+        if self.system_outside_strip:
+            prefixed = "ns.user_prefix + " + clean(content, "user")
+        else:
+            prefixed = clean(f"(ns.user_prefix + {content})", "user")
         lines += [
             "{%- endif -%}",
             "{%- for message in loop_messages -%}",
             "{%- if message['role'] == 'user' -%}",
-            "{%- if ns.first_user_prefix is not none -%}",
-        ]
-        if self.system_outside_strip:
-            lines.append("{%- set text = ns.first_user_prefix + " + clean(message_content) + " -%}")
-        else:
-            lines.append("{%- set text = " + clean(f"(ns.first_user_prefix + {message_content})") + " -%}")
-        lines += [
-            "{%- set ns.first_user_prefix = none -%}",
-            "{%- else -%}{%- set text = " + clean(message_content) + " -%}{%- endif -%}",
+            f"{{%- if loop.index0 == ns.prefix_at -%}}{{%- set text = {prefixed} -%}}",
+            "{%- else -%}{%- set text = " + clean(content, "user") + " -%}{%- endif -%}",
             f"{{{{- {literal(self.user, 'text')} -}}}}",
             "{%- elif message['role'] == 'assistant' -%}",
             f"{{{{- {literal(self.assistant_header)} -}}}}",
-            f"{{{{- {literal(self.assistant, clean(message_content))} -}}}}",
+            f"{{{{- {literal(self.assistant, clean(content, 'assistant'))} -}}}}",
             f"{{{{- {literal(self.assistant_trailer)} -}}}}",
             "{%- else -%}{{- raise_exception('Unsupported role: ' + message['role']) -}}{%- endif -%}",
             "{%- endfor -%}",
@@ -436,8 +476,6 @@ def _describe(kind: str, key: str) -> str:
 
 def _split_placeholders(pattern: str) -> list[str]:
     """``"a{content}b"`` -> ``["a", "{content}", "b"]`` (also ``{bos_token}``, ``{eos_token}``)."""
-    import re
-
     return [p for p in re.split(r"(\{content\}|\{bos_token\}|\{eos_token\})", pattern) if p]
 
 
@@ -513,23 +551,39 @@ def labels_from_offsets(
 
 
 def encode_segments(
-    tokenizer: Any, batch: Sequence[Sequence[Segment]]
+    tokenizer: Any, batch: Sequence[Sequence[Segment]], template: Template | None = None
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Tokenize rendered conversations; returns ``(input_ids, labels)`` per conversation.
 
-    The joined text is tokenized in one piece (so ids equal those of the rendered prompt at inference), and
-    a token is trained when it overlaps a trained segment. Tokenizers without offset mappings (slow ones)
-    are handled segment by segment.
+    The joined text is tokenized in one piece (so ids equal those of the rendered prompt at inference)
+    without the special tokens a tokenizer adds by itself: the template writes the BOS exactly where the
+    model's own template does, so it is never doubled nor missing. A token is trained when it overlaps a
+    trained segment; a BOS token is never trained. With a ``template`` whose ``tokenize_per_bos`` is set,
+    each piece after a BOS is tokenized on its own (Meta's Llama 2 encoding). Tokenizers without offset
+    mappings (slow ones) are handled segment by segment.
     """
-    texts = [render_text(segments) for segments in batch]
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is not None and bos_id == getattr(tokenizer, "eos_token_id", None):
+        bos_id = None  # BOS and EOS are one token (GPT-2): it ends the assistant turns, which are trained
     if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoded["input_ids"]
-        labels = [
-            labels_from_offsets(sample_ids, offsets, trained_spans(segments))
-            for sample_ids, offsets, segments in zip(ids, encoded["offset_mapping"], batch)
-        ]
-        return ids, labels
+        bos = getattr(tokenizer, "bos_token", None) if getattr(template, "tokenize_per_bos", False) else None
+        pieces = [split_at(render_text(segments), bos) for segments in batch]
+        encoded = tokenizer(
+            [text for sample in pieces for _, text in sample],
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+        )
+        all_ids, all_labels, k = [], [], 0
+        for sample, segments in zip(pieces, batch):
+            sample_ids: list[int] = []
+            offsets: list[tuple[int, int]] = []
+            for start, _text in sample:
+                sample_ids += encoded["input_ids"][k]
+                offsets += [(a + start, b + start) for a, b in encoded["offset_mapping"][k]]
+                k += 1
+            all_ids.append(sample_ids)
+            all_labels.append(_untrained_bos(labels_from_offsets(sample_ids, offsets, trained_spans(segments)), sample_ids, bos_id))
+        return all_ids, all_labels
     all_ids, all_labels = [], []
     for segments in batch:
         sample_ids: list[int] = []
@@ -539,5 +593,23 @@ def encode_segments(
             sample_ids.extend(piece)
             sample_labels.extend(piece if segment.trained else [-100] * len(piece))
         all_ids.append(sample_ids)
-        all_labels.append(sample_labels)
+        all_labels.append(_untrained_bos(sample_labels, sample_ids, bos_id))
     return all_ids, all_labels
+
+
+def split_at(text: str, marker: str | None) -> list[tuple[int, str]]:
+    """``text`` cut before and after each ``marker``, as ``(offset, piece)`` pairs; whole without a marker."""
+    if not marker or marker not in text:
+        return [(0, text)]
+    pieces, position = [], 0
+    for piece in re.split(f"({re.escape(marker)})", text):
+        if piece:
+            pieces.append((position, piece))
+        position += len(piece)
+    return pieces
+
+
+def _untrained_bos(labels: list[int], ids: Sequence[int], bos_id: int | None) -> list[int]:
+    if bos_id is None:
+        return labels
+    return [-100 if token == bos_id else label for token, label in zip(ids, labels)]

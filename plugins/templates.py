@@ -9,7 +9,7 @@ template; the tests compare them, conversation for conversation, with the publis
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lmflow_core import hookimpl
@@ -45,27 +45,68 @@ chatml = family(
     assistant_trailer="\n",
     stop_strings=("<|im_end|>",),
 )
-# Gemma instruct (``<start_of_turn>user/model ... <end_of_turn>``): gemma, gemma2, gemma3.
+# Gemma instruct (``<bos>``, then ``<start_of_turn>user/model ... <end_of_turn>``): gemma, gemma2, gemma3.
 gemma = family(
+    prefix="<bos>",
     system=None,
-    system_in_first_user="{content}\n\n",
     user="<start_of_turn>user\n{content}<end_of_turn>\n",
     assistant_header="<start_of_turn>model\n",
     assistant="{content}<end_of_turn>",
     assistant_trailer="\n",
     strip_content=True,
     stop_strings=("<end_of_turn>",),
-    system_note=SYSTEM_FIRST_USER,
+    system_note="no system prompt: Gemma's own template refuses one",
 )
-# Phi-3 (``<|user|> ... <|end|>``): phi3, phi3_small.
+# Mistral's instruct formats ([INST] ... [/INST] answer</s>), one per tokenizer version.
+mistral = family(
+    prefix="<s>",
+    system=None,
+    system_in_first_user="{content}\n\n",
+    system_in_last_user=True,
+    assistant="{content}</s>",
+    stop_strings=("</s>",),
+    system_note="put in front of the last user message, as Mistral's template does; a conversation that ends "
+    "with an assistant message (training data) keeps no system prompt",
+)
+MISTRAL_SMALL_3_SYSTEM = (
+    "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup headquartered "
+    "in Paris.\nYour knowledge base was last updated on 2023-10-01. The current date is {today}.\n\nWhen you're "
+    "not sure about some information, you say that you don't have the information and don't make up anything.\n"
+    "If the user's question is not clear, ambiguous, or does not provide enough context for you to accurately "
+    "answer the question, you do not try to answer it right away and you rather ask the user to clarify their "
+    'request (e.g. "What are some good restaurants around me?" => "Where are you?" or "When is the next flight '
+    'to Tokyo" => "Where do you travel from?")'
+)
+# Phi-3 and Phi-3.5 (``<|user|> ... <|end|>``).
 phi3 = family(
     system="<|system|>\n{content}<|end|>\n",
     user="<|user|>\n{content}<|end|>\n",
     assistant_header="<|assistant|>\n",
     assistant="{content}<|end|>",
     assistant_trailer="\n",
-    strip_content=True,
     stop_strings=("<|end|>", "<|endoftext|>"),
+)
+# Phi-4 (``<|im_start|>role<|im_sep|>...<|im_end|>``, no newlines).
+phi4 = family(
+    system="<|im_start|>system<|im_sep|>{content}<|im_end|>",
+    user="<|im_start|>user<|im_sep|>{content}<|im_end|>",
+    assistant_header="<|im_start|>assistant<|im_sep|>",
+    assistant="{content}<|im_end|>",
+    stop_strings=("<|im_end|>",),
+)
+PHI4_REASONING_SYSTEM = (
+    "You are Phi, a language model trained by Microsoft to help users. Your role as an assistant involves "
+    "thoroughly exploring questions through a systematic thinking process before providing the final precise and "
+    "accurate solutions. This requires engaging in a comprehensive cycle of analysis, summarizing, exploration, "
+    "reassessment, reflection, backtracing, and iteration to develop well-considered thinking process. Please "
+    "structure your response into two main sections: Thought and Solution using the specified format: <think> "
+    "{Thought section} </think> {Solution section}. In the Thought section, detail your reasoning process in "
+    "steps. Each step should include detailed considerations such as analysing questions, summarizing relevant "
+    "findings, brainstorming new ideas, verifying the accuracy of the current steps, refining any errors, and "
+    "revisiting previous steps. In the Solution section, based on various attempts, explorations, and reflections "
+    "from the Thought section, systematically present the final solution that you deem correct. The Solution "
+    "section should be logical, accurate, and concise and detail necessary steps needed to reach the conclusion. "
+    "Now, try to solve the following question through the above guidelines:"
 )
 
 
@@ -96,6 +137,8 @@ class ChatMLToolsTemplate(Template):
             (an empty one is added to the final turn), earlier ones are dropped.
         no_think: with ``thinking``, the generation prompt holds an empty ``<think>`` block (answer without
             reasoning), and so does the untrained header of a final turn that has no reasoning.
+        think_prompt: with ``thinking``, the generation prompt opens a ``<think>`` block (``<think>\n\n``), as
+            the later revision of Qwen 3's template and Qwen 3.5's do.
     """
 
     name: str = ""
@@ -104,6 +147,7 @@ class ChatMLToolsTemplate(Template):
     tools_default_system: str | None = None
     thinking: bool = False
     no_think: bool = False
+    think_prompt: bool = False
     stop_strings: tuple[str, ...] = ("<|im_end|>",)
     supports_tools: bool = True
     system_note: str = ""
@@ -138,9 +182,8 @@ class ChatMLToolsTemplate(Template):
                 header, body = self._assistant(message, i > last_query, i == len(messages) - 1)
                 segments += [Segment(header), Segment(body + "<|im_end|>", trained=True), Segment("\n")]
         if add_generation_prompt:
-            segments.append(
-                Segment("<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if self.no_think else ""))
-            )
+            think = "<think>\n\n</think>\n\n" if self.no_think else "<think>\n\n" if self.think_prompt else ""
+            segments.append(Segment("<|im_start|>assistant\n" + think))
         return [s for s in segments if s.text]
 
     def _assistant(self, message: Message, after_last_query: bool, last: bool) -> tuple[str, str]:
@@ -308,29 +351,36 @@ QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assis
 TEMPLATES: list[Template] = [
     chatml(
         "chatml",
-        "ChatML (<|im_start|>role ... <|im_end|>), message text stripped; the demo model's format",
+        "ChatML convention (<|im_start|>role ... <|im_end|>), message text stripped; the demo model's format",
         strip_content=True,
     ),
     chatml(
         "qwen2",
-        "Qwen 2 Instruct: ChatML with the default system prompt 'You are a helpful assistant.'",
+        "Qwen2-Instruct: ChatML with the default system prompt 'You are a helpful assistant.'",
         default_system="You are a helpful assistant.",
     ),
     ChatMLToolsTemplate(
         name="qwen2_5",
-        description="Qwen 2.5 Instruct: ChatML, default system prompt, tool calls",
+        description="Qwen2.5-Instruct (also Coder, Math): ChatML, default system prompt, tool calls",
         default_system=QWEN25_SYSTEM,
         tools_default_system=QWEN25_SYSTEM,
         system_note=f"without one, the system prompt is '{QWEN25_SYSTEM}'",
     ),
     ChatMLToolsTemplate(
         name="qwen3",
-        description="Qwen 3: ChatML with <think> reasoning (kept after the last user query), tool calls",
+        description="Qwen3 first release (2025-04): ChatML, <think> reasoning kept after the last user "
+        "query, tool calls; the prompt ends '<|im_start|>assistant\\n'",
         thinking=True,
     ),
     ChatMLToolsTemplate(
+        name="qwen3_thinking",
+        description="Qwen3 later template revision, Qwen3.5: as qwen3, the prompt opens a <think> block",
+        thinking=True,
+        think_prompt=True,
+    ),
+    ChatMLToolsTemplate(
         name="qwen3_no_think",
-        description="Qwen 3, answering without reasoning: the prompt ends with an empty <think> block",
+        description="Qwen3 / Qwen3.5 with enable_thinking=False: the prompt ends with an empty <think> block",
         thinking=True,
         no_think=True,
     ),
@@ -338,18 +388,22 @@ TEMPLATES: list[Template] = [
     chatml("internlm2", "InternLM2 chat: <s> then ChatML", prefix="<s>"),
     TurnTemplate(
         name="llama2",
-        description="Llama 2 chat ([INST] ... [/INST], <<SYS>> in the first user turn)",
+        description="Llama-2-chat: <s>[INST] ... [/INST] answer </s> per turn, <<SYS>> in the first user turn; "
+        "tokenized per turn as Meta's code does",
         system=None,
         system_in_first_user="<<SYS>>\n{content}\n<</SYS>>\n\n",
         user="<s>[INST] {content} [/INST]",
         assistant=" {content} </s>",
         strip_content=True,
+        strip_system=False,
+        tokenize_per_bos=True,
         stop_strings=("</s>",),
         system_note="the system prompt goes into the first [INST] as a <<SYS>> block",
     ),
     TurnTemplate(
         name="llama3",
-        description="Llama 3.x Instruct (<|start_header_id|>role<|end_header_id|> ... <|eot_id|>)",
+        description="Meta-Llama-3-Instruct (<|begin_of_text|>, <|start_header_id|>role<|end_header_id|> ... "
+        "<|eot_id|>); no Llama 3.1+ date preamble",
         prefix="<|begin_of_text|>",
         system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
         user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
@@ -358,28 +412,73 @@ TEMPLATES: list[Template] = [
         strip_content=True,
         stop_strings=("<|eot_id|>", "<|end_of_text|>"),
     ),
-    TurnTemplate(
-        name="mistral",
-        description="Mistral Instruct ([INST] ... [/INST] ...</s>)",
-        prefix="<s>",
-        system="{content}\n\n",
-        user="[INST] {content} [/INST]",
+    mistral(
+        "mistral_v1",
+        "Mistral-7B-Instruct-v0.1, Mixtral-8x7B-Instruct-v0.1: <s> [INST] system\\n\\nuser [/INST] answer</s>",
+        system_in_last_user=False,
+        user=" [INST] {content} [/INST]",
         assistant=" {content}</s>",
-        strip_content=True,
-        stop_strings=("</s>",),
-        system_note="the system prompt comes first, before [INST]",
+        system_note="put in front of the first user message",
     ),
-    gemma("gemma", "Gemma instruct (<start_of_turn>user/model ... <end_of_turn>)"),
-    gemma("gemma2", "Gemma 2 instruct: as gemma, starting with <bos>", prefix="<bos>"),
+    mistral(
+        "mistral_v2v3",
+        "Mistral-7B-Instruct-v0.2/v0.3, Mixtral-8x22B-Instruct, Codestral-22B: <s>[INST] user[/INST] "
+        "answer</s>, system prompt in the last user turn",
+        user="[INST] {content}[/INST]",
+        assistant=" {content}</s>",
+        strip_assistant=True,
+    ),
+    mistral(
+        "mistral_v3_tekken",
+        "Mistral-Nemo-Instruct-2407 (Tekken tokenizer): <s>[INST]user[/INST]answer</s>, system prompt in "
+        "the last user turn",
+        user="[INST]{content}[/INST]",
+    ),
+    mistral(
+        "mistral_v7_tekken",
+        "Mistral-Small-24B-Instruct-2501 (Mistral Small 3): <s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT], dated "
+        "default system prompt, [INST]user[/INST]answer</s>",
+        system="[SYSTEM_PROMPT]{content}[/SYSTEM_PROMPT]",
+        system_in_first_user=None,
+        system_in_last_user=False,
+        user="[INST]{content}[/INST]",
+        default_system=MISTRAL_SMALL_3_SYSTEM,
+        system_note="without one, Mistral Small 3's default system prompt (with today's date) is used",
+    ),
+    gemma("gemma", "Gemma 1/1.1 and Gemma 2 instruct: <bos><start_of_turn>user/model ... <end_of_turn>"),
     gemma(
         "gemma3",
-        "Gemma 3 instruct: <bos>, system prompt kept as is before the first user text",
-        prefix="<bos>",
+        "Gemma 3 / Gemma 3n instruct: as gemma, the system prompt kept as is before the first user text",
+        system_in_first_user="{content}\n\n",
         system_outside_strip=True,
         strip_system=False,
+        system_note=SYSTEM_FIRST_USER,
     ),
-    phi3("phi3", "Phi-3 / Phi-3.5 (<|user|> ... <|end|>)"),
-    phi3("phi3_small", "Phi-3 small: as phi3, starting with <|endoftext|>", prefix="<|endoftext|>"),
+    phi3(
+        "phi3",
+        "Phi-3-mini/-medium instruct: <s><|user|>\\n...<|end|>\\n<|assistant|>\\n answer<|end|>",
+        prefix="<s>",
+        user="<|user|>\n{content}<|end|>\n<|assistant|>\n",
+        assistant_header="",
+    ),
+    phi3(
+        "phi35",
+        "Phi-3.5-mini/-MoE instruct: as phi3 without <s>; an empty system prompt is left out",
+        skip_empty_system=True,
+    ),
+    phi3(
+        "phi3_small",
+        "Phi-3-small: <|endoftext|>, then <|role|>\\n...<|end|>, message text stripped",
+        prefix="<|endoftext|>",
+        strip_content=True,
+    ),
+    phi4("phi4", "Phi-4 (14B): <|im_start|>role<|im_sep|>...<|im_end|>, no newlines"),
+    phi4(
+        "phi4_reasoning",
+        "Phi-4-reasoning(-plus): as phi4, with Phi's reasoning system prompt by default",
+        default_system=PHI4_REASONING_SYSTEM,
+        system_note="without one, Phi-4-reasoning's default system prompt is used",
+    ),
     TurnTemplate(
         name="zephyr",
         description="Zephyr (<|user|> ... </s>)",
@@ -483,18 +582,31 @@ TEMPLATES: list[Template] = [
         stop_strings=("</s>",),
     ),
     TurnTemplate(
-        name="deepseek",
-        description="DeepSeek V3 / R1 (<｜User｜> ... <｜Assistant｜> ...<｜end▁of▁sentence｜>)",
+        name="deepseek_v3",
+        description="DeepSeek-V3 / R1: <｜begin▁of▁sentence｜>system<｜User｜>...<｜Assistant｜>...<｜end▁of▁sentence｜>; "
+        "reasoning before </think> is dropped from answers, as their template does",
         prefix="<｜begin▁of▁sentence｜>",
         system="{content}",
+        user="<｜User｜>{content}",
+        assistant_header="<｜Assistant｜>",
+        assistant="{content}<｜end▁of▁sentence｜>",
+        drop_reasoning=True,
+        stop_strings=("<｜end▁of▁sentence｜>",),
+    ),
+    TurnTemplate(
+        name="deepseek_v2",
+        description="DeepSeek-V2-Chat-0628, V2.5: <｜begin▁of▁sentence｜>system\\n\\n<｜User｜>...<｜Assistant｜>..."
+        "<｜end▁of▁sentence｜>",
+        prefix="<｜begin▁of▁sentence｜>",
+        system="{content}\n\n",
         user="<｜User｜>{content}",
         assistant_header="<｜Assistant｜>",
         assistant="{content}<｜end▁of▁sentence｜>",
         stop_strings=("<｜end▁of▁sentence｜>",),
     ),
     TurnTemplate(
-        name="deepseek_v2",
-        description="DeepSeek V2 / V2.5 chat (User: ... Assistant: ...<｜end▁of▁sentence｜>)",
+        name="deepseek_v2_legacy",
+        description="DeepSeek-V2-Chat and V2-Lite-Chat first release (User: ... Assistant: ...<｜end▁of▁sentence｜>)",
         prefix="<｜begin▁of▁sentence｜>",
         system="{content}\n\n",
         user="User: {content}\n\n",
@@ -524,6 +636,19 @@ TEMPLATES: list[Template] = [
     ),
 ]
 
+
+def alias(name: str, target: str) -> Template:
+    """The template ``target`` under another name, kept so that configs using the name keep working."""
+    template = next(t for t in TEMPLATES if t.name == target)
+    return replace(template, name=name, description=f"alias of {target}: {template.description}")
+
+
+TEMPLATES += [
+    alias("mistral", "mistral_v2v3"),
+    alias("gemma2", "gemma"),
+    alias("qwen3_5", "qwen3_thinking"),
+    alias("deepseek", "deepseek_v3"),
+]
 
 @hookimpl
 def register_templates() -> list[Template]:
