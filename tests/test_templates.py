@@ -24,23 +24,45 @@ from lmflow_core.templates import (
     trained_spans,
 )
 
+OFFICIAL = SHARED / "official_chat_templates"
 REFERENCE = SHARED / "chat_templates" / "chat_templates"
-# Our template -> (published template, the family's BOS and EOS strings)
+DEEPSEEK_BOS, DEEPSEEK_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+# Our template -> (the model's own template, verbatim; the family's BOS and EOS; extra render variables)
+OFFICIAL_FAMILIES = {
+    "gemma": ("gemma.jinja", "<bos>", "<eos>", {}),
+    "gemma2": ("gemma.jinja", "<bos>", "<eos>", {}),
+    "gemma3": ("gemma3.jinja", "<bos>", "<eos>", {}),
+    "gemma3n": ("gemma3n.jinja", "<bos>", "<eos>", {}),  # rendered by our gemma3: same text format
+    "llama3": ("llama3.jinja", "<|begin_of_text|>", "<|eot_id|>", {}),
+    "mistral_v1": ("mistral_v1.jinja", "<s>", "</s>", {}),
+    "mistral_v2v3": ("mistral_v2v3.jinja", "<s>", "</s>", {}),
+    "mistral": ("mistral_v2v3.jinja", "<s>", "</s>", {}),
+    "mistral_v3_tekken": ("mistral_v3_tekken.jinja", "<s>", "</s>", {}),
+    "mistral_v7_tekken": ("mistral_v7_tekken.jinja", "<s>", "</s>", {}),
+    "phi3": ("phi_3.jinja", "<s>", "<|endoftext|>", {}),
+    "phi35": ("phi_35.jinja", "<s>", "<|endoftext|>", {}),
+    "phi4_reasoning": ("phi_4.jinja", "<|endoftext|>", "<|im_end|>", {}),
+    "qwen2_5": ("qwen_25.jinja", "", "<|im_end|>", {}),
+    "qwen3_thinking": ("qwen3.jinja", "", "<|im_end|>", {}),
+    "qwen3_5": ("qwen3_5.jinja", "", "<|im_end|>", {}),
+    "qwen3_no_think": ("qwen3.jinja", "", "<|im_end|>", {"enable_thinking": False}),
+    "deepseek_v2": ("deepseek_v2.jinja", DEEPSEEK_BOS, DEEPSEEK_EOS, {}),
+    "deepseek_v3": ("deepseek_v3.jinja", DEEPSEEK_BOS, DEEPSEEK_EOS, {}),
+    "deepseek": ("deepseek_v3.jinja", DEEPSEEK_BOS, DEEPSEEK_EOS, {}),
+}
+OFFICIAL_TEMPLATE_OF = {"gemma3n": "gemma3"}
+OFFICIAL_WITHOUT_BOS = {"phi35", "phi4_reasoning"}  # their tokenizers' BOS is never written (nor added)
+# Families without a file of their own above: the collected (edited) templates.
 FAMILIES = {
     "alpaca": ("alpaca.jinja", "<s>", "</s>"),
     "amberchat": ("amberchat.jinja", "<s>", "</s>"),
     "chatml": ("chatml.jinja", "", "<|im_end|>"),
     "chatqa": ("chatqa.jinja", "<|begin_of_text|>", "<|end_of_text|>"),
     "falcon": ("falcon-instruct.jinja", "", "<|endoftext|>"),
-    "gemma": ("gemma-it.jinja", "<bos>", "<eos>"),
     "granite": ("granite-3.0-instruct.jinja", "", "<|end_of_text|>"),
     "llama2": ("llama-2-chat.jinja", "<s>", "</s>"),
-    "llama3": ("llama-3-instruct.jinja", "<|begin_of_text|>", "<|end_of_text|>"),
-    "mistral": ("mistral-instruct.jinja", "<s>", "</s>"),
     "openchat": ("openchat-3.5.jinja", "<s>", "</s>"),
-    "phi3": ("phi-3.jinja", "<s>", "<|endoftext|>"),
     "phi3_small": ("phi-3-small.jinja", "<|endoftext|>", "<|endoftext|>"),
-    "qwen2_5": ("qwen2.5-instruct.jinja", "", "<|im_end|>"),
     "saiga": ("saiga.jinja", "<s>", "</s>"),
     "solar": ("solar-instruct.jinja", "<s>", "</s>"),
     "vicuna": ("vicuna.jinja", "<s>", "</s>"),
@@ -49,10 +71,19 @@ FAMILIES = {
 CONVERSATIONS_PER_FAMILY = 400
 
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference is not present")
+needs_official = pytest.mark.skipif(not OFFICIAL.is_dir(), reason="../shared/reference is not present")
+
+
+def official_template(file: str):
+    """Compile a model's own template verbatim, exactly as transformers' apply_chat_template does (its
+    environment: raise_exception, strftime_now, tojson, the {% generation %} tag)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template((OFFICIAL / file).read_text(encoding="utf-8"))
 
 
 def reference_template(file: str):
-    """Compile a published template the way ../shared/reference/README.md says (what transformers does)."""
+    """Compile a collected template the way ../shared/reference/README.md says (what transformers does)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     text = (REFERENCE / file).read_text(encoding="utf-8")
@@ -89,6 +120,7 @@ TEXTS = [
     "a long answer " * 20,
     "ends with newline\n",
     "   \u00a0nbsp\u00a0  ",
+    "<think>\nweigh it\n</think>\n\n  the answer ",
 ]
 SYSTEMS = [
     None,
@@ -101,23 +133,132 @@ SYSTEMS = [
 ]
 
 
-def random_conversation(rng: random.Random) -> tuple[Conversation, bool]:
-    """A conversation of 1-4 exchanges; ends with a user turn (then often prompted) or an assistant turn."""
+def random_conversation(rng: random.Random, broken: float = 0.0) -> tuple[Conversation, bool]:
+    """A conversation of 1-4 exchanges; ends with a user turn (then often prompted) or an assistant turn.
+
+    With probability ``broken`` the roles do not alternate (a repeated or missing turn)."""
     messages = []
     for _ in range(rng.randint(1, 4)):
         messages += [Message("user", rng.choice(TEXTS)), Message("assistant", rng.choice(TEXTS))]
     if rng.random() < 0.4:
         messages.append(Message("user", rng.choice(TEXTS)))
+    if rng.random() < broken:
+        i = rng.randrange(len(messages))
+        messages.insert(i, Message(messages[i].role, rng.choice(TEXTS)))
     return Conversation(messages, rng.choice(SYSTEMS)), rng.random() < 0.5
 
 
-def as_reference_messages(conversation: Conversation) -> list[dict]:
-    return conversation.to_dicts()
+def alternates(conversation: Conversation) -> bool:
+    return all(m.role == ("user", "assistant")[i % 2] for i, m in enumerate(conversation.messages))
+
+
+def render_or_error(render):
+    try:
+        return render()
+    except Exception as exc:  # what the official template raised, to compare with ours
+        return exc
+
+
+@needs_official
+@pytest.mark.parametrize("name", sorted(OFFICIAL_FAMILIES))
+def test_rendering_equals_the_models_own_template_bos_included(name):
+    """Byte for byte, on random conversations (system or not, 1-4 exchanges, with and without the generation
+    prompt, whitespace at the edges); where the model's template refuses a conversation, ours does too."""
+    file, bos, eos, extra = OFFICIAL_FAMILIES[name]
+    official = official_template(file)
+    template = get_template(OFFICIAL_TEMPLATE_OF.get(name, name))
+    rng = random.Random(name)
+    compared = refused = 0
+    for _ in range(CONVERSATIONS_PER_FAMILY):
+        conversation, prompt = random_conversation(rng, broken=0.1)
+        expected = render_or_error(
+            lambda: official.render(
+                messages=conversation.to_dicts(),
+                add_generation_prompt=prompt,
+                bos_token=bos,
+                eos_token=eos,
+                **extra,
+            )
+        )
+        got = render_or_error(lambda: render_text(template.render(conversation, prompt)))
+        if isinstance(got, TemplateError):
+            # Ours refuses what the model's template refuses, and beyond that only broken role order.
+            assert isinstance(expected, Exception) or not alternates(conversation), (conversation, expected)
+            assert "\n" not in str(got)
+            refused += 1
+            continue
+        assert not isinstance(expected, Exception), (conversation, expected)
+        assert got == expected, (conversation, prompt)
+        if bos:  # the BOS first, once, where the format has one (besides any in the messages' own text)
+            in_text = "".join(m["content"] for m in conversation.to_dicts()).count(bos)
+            starts = name not in OFFICIAL_WITHOUT_BOS
+            assert got.startswith(bos) == starts and got.count(bos) == starts + in_text
+        compared += 1
+    assert compared + refused == CONVERSATIONS_PER_FAMILY
+    assert compared >= (80 if name in ("gemma", "gemma2") else 330)  # gemma refuses every system prompt
+
+
+@needs_official
+def test_qwen3_first_release_differs_from_the_later_revision_only_in_the_generation_prompt():
+    """The file is the later revision (its prompt opens <think>); the first release's prompt ends at the
+    assistant header (reference README)."""
+    official = official_template("qwen3.jinja")
+    first, later = get_template("qwen3"), get_template("qwen3_thinking")
+    rng = random.Random("qwen3")
+    for _ in range(200):
+        conversation, _prompt = random_conversation(rng)
+        history = official.render(messages=conversation.to_dicts(), add_generation_prompt=False)
+        prompted = official.render(messages=conversation.to_dicts(), add_generation_prompt=True)
+        assert prompted == history + "<|im_start|>assistant\n<think>\n\n"
+        assert render_text(first.render(conversation)) == history
+        assert render_text(first.render(conversation, True)) == history + "<|im_start|>assistant\n"
+        assert render_text(later.render(conversation, True)) == prompted
+
+
+@needs_official
+def test_phi4_is_phi4_reasoning_without_its_default_system_prompt():
+    official = official_template("phi_4.jinja")
+    phi4 = get_template("phi4")
+    default = "<|im_start|>system<|im_sep|>" + get_template("phi4_reasoning").default_system + "<|im_end|>"
+    rng = random.Random("phi4")
+    for _ in range(200):
+        conversation, prompt = random_conversation(rng)
+        expected = official.render(messages=conversation.to_dicts(), add_generation_prompt=prompt)
+        if conversation.system is None:
+            assert expected.startswith(default)
+            expected = expected[len(default) :]
+        assert render_text(phi4.render(conversation, prompt)) == expected
+
+
+@needs_official
+@pytest.mark.parametrize(
+    "name, file, messages",
+    [
+        ("gemma", "gemma.jinja", [("system", "s"), ("user", "u"), ("assistant", "a")]),
+        ("gemma", "gemma.jinja", [("user", "u"), ("user", "v")]),
+        ("gemma3", "gemma3.jinja", [("assistant", "a"), ("user", "u")]),
+        ("mistral_v1", "mistral_v1.jinja", [("user", "u"), ("assistant", "a"), ("assistant", "b")]),
+        ("mistral_v2v3", "mistral_v2v3.jinja", [("system", "s"), ("assistant", "a")]),
+        ("mistral_v3_tekken", "mistral_v3_tekken.jinja", [("user", "u"), ("user", "v")]),
+        ("mistral_v1", "mistral_v1.jinja", [("user", "u"), ("system", "s")]),
+    ],
+)
+def test_what_the_models_own_template_refuses_is_a_one_line_error(name, file, messages):
+    dicts = [{"role": role, "content": text} for role, text in messages]
+    with pytest.raises(Exception, match="not supported|must alternate|roles are supported"):
+        official_template(file).render(messages=dicts, bos_token="<s>", eos_token="</s>")
+    with pytest.raises(TemplateError) as error:
+        get_template(name).render(Conversation.from_messages(dicts))
+    assert "\n" not in str(error.value)
+    assert "no system prompt" in str(error.value) or "must alternate" in str(error.value) or (
+        "has role 'system'" in str(error.value)
+    )
 
 
 @needs_reference
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_rendering_equals_the_published_template_on_many_conversations(name):
+def test_rendering_equals_the_collected_template_on_many_conversations(name):
+    """Families without a template of their own in the reference: the collected one."""
     file, bos, eos = FAMILIES[name]
     reference = reference_template(file)
     template = get_template(name)
@@ -125,8 +266,11 @@ def test_rendering_equals_the_published_template_on_many_conversations(name):
     checked = 0
     for _ in range(CONVERSATIONS_PER_FAMILY):
         conversation, prompt = random_conversation(rng)
+        if name == "llama2" and conversation.system:
+            # The collection trims the system prompt; Meta's code (which we follow) keeps it as is.
+            conversation.system = conversation.system.strip()
         expected = reference.render(
-            messages=as_reference_messages(conversation),
+            messages=conversation.to_dicts(),
             add_generation_prompt=prompt,
             bos_token=bos,
             eos_token=eos,
@@ -137,10 +281,13 @@ def test_rendering_equals_the_published_template_on_many_conversations(name):
     assert checked == CONVERSATIONS_PER_FAMILY
 
 
-@needs_reference
-def test_qwen2_5_tool_calls_equal_the_published_template():
-    reference = reference_template("qwen2.5-instruct.jinja")
-    template = get_template("qwen2_5")
+@needs_official
+@pytest.mark.parametrize(
+    "name, file", [("qwen2_5", "qwen_25.jinja"), ("qwen3", "qwen3.jinja"), ("qwen3_5", "qwen3_5.jinja")]
+)
+def test_qwen_tool_calls_equal_the_models_own_template(name, file):
+    reference = official_template(file)
+    template = get_template(name)
     tools = [
         {
             "type": "function",
@@ -168,7 +315,7 @@ def test_qwen2_5_tool_calls_equal_the_published_template():
         conversation = Conversation(
             messages, rng.choice([None, "Be exact."]), tools if rng.random() < 0.8 else None
         )
-        prompt = rng.random() < 0.5
+        prompt = rng.random() < 0.5 and name != "qwen3"  # its first release's prompt: tested above
         expected = reference.render(
             messages=conversation.to_dicts(),
             tools=conversation.tools,
@@ -558,11 +705,7 @@ def test_every_requested_family_is_built_in():
     "name, text",
     [
         (
-            "deepseek",
-            "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>Hello<｜end▁of▁sentence｜><｜User｜>Bye<｜Assistant｜>",
-        ),
-        (
-            "deepseek_v2",
+            "deepseek_v2_legacy",
             "<｜begin▁of▁sentence｜>Be brief.\n\nUser: Hi\n\nAssistant: Hello<｜end▁of▁sentence｜>User: Bye\n\nAssistant:",
         ),
         (
@@ -576,10 +719,6 @@ def test_every_requested_family_is_built_in():
         (
             "qwen2",
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
-        ),
-        (
-            "gemma3",
-            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n",
         ),
     ],
 )
@@ -603,8 +742,14 @@ def test_templates_cli_list_show_render(runner, tmp_path):
     assert "chatml" in listed and "llama3" in listed and "tokenizer" in listed
     shown = invoke(runner, "templates", "show", "chatml").output
     assert "<|im_start|>assistant\n[[2 plus 2 is 4.<|im_end|>]]\n" in shown
-    gemma = invoke(runner, "templates", "show", "gemma").output
+    gemma = invoke(runner, "templates", "show", "gemma3").output
     assert "no system turn: the system prompt is put in front of the first user message" in gemma
+    gemma = invoke(runner, "templates", "show", "gemma").output
+    assert "no system prompt: Gemma's own template refuses one" in gemma
+    assert gemma.split("\n\n", 1)[1].startswith("<bos><start_of_turn>user\nWhat is 2 plus 2?<end_of_turn>")
+    listed_mistral = [line for line in listed.splitlines() if line.startswith("mistral ")]
+    assert listed_mistral == [line for line in listed_mistral if "alias of mistral_v2v3" in line] != []
+    assert "Mistral-Nemo-Instruct-2407" in listed and "Phi-3.5-mini" in listed
     messages = tmp_path / "m.json"
     messages.write_text(json.dumps([{"role": "user", "content": "Hi"}]))
     rendered = invoke(
