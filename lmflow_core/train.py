@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,22 @@ from . import __version__
 from .config import RunConfig, build_config, core_fields, load_config_file, resolve_plugin_options
 from .errors import ConfigError, LmflowError
 from .evaluation import evaluate_hooks
-from .models import RUN_RECORD, load_model_config, model_context, read_json, stored_run
+from .models import RUN_RECORD, load_model_config, model_context, stored_run
 from .plugins import RunPlugins, call_each, fold, select_plugins
 from .report import Reporter, format_duration
-
-RUN_CONFIG = "run_config.yaml"
-STAGING_PREFIX = ".staging-"
+from .rundir import (
+    FINAL_STAGING,
+    RUN_CONFIG,
+    STAGING_PREFIX,
+    OutputPlan,
+    OutputTracker,
+    atomic_write,
+    check_inputs_outside,
+    claim_output_dir,
+    fsync_dir,
+    fsync_tree,
+    plan_output_dir,
+)
 
 
 @dataclass
@@ -142,6 +153,8 @@ def configure(
             problems.extend(found or [])
     if problems:
         raise ConfigError.collect(problems)
+    config_files = [config_file, config if isinstance(config, (str, os.PathLike)) else None]
+    check_inputs_outside(Path(run_config.output_dir), [("--config", str(f)) for f in config_files if f])
     return run_config, run_plugins
 
 
@@ -211,8 +224,12 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     trainer = _build_trainer(
         config, run_plugins, training_args, model, tokenizer, train_data, eval_data, report
     )
-    _claim_output_dir(plan, output_dir)
-    _write_run_record(output_dir, config, run_plugins, template_name, block_size, status="running")
+    outputs = OutputTracker(output_dir, plan.outputs)
+    if _is_main_process():
+        claim_output_dir(plan, output_dir)
+    record = _RunRecorder(output_dir, config, run_plugins, template_name, block_size, outputs)
+    record.write(status="running")
+    trainer.lmflow_record = record
     if resume_from is not None:
         hook.on_checkpoint_load(config=config, checkpoint_dir=str(resume_from))
     started = time.monotonic()
@@ -224,10 +241,11 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     if jinja:
         # Other tools (transformers' apply_chat_template, serving engines) then format chats exactly as trained.
         tokenizer.chat_template = jinja
-    _save_final(trainer, tokenizer, output_dir)
+    _save_final(trainer, tokenizer, output_dir, record)
     model = trainer.model
     if trainer.is_world_process_zero():
-        hook.on_train_end(config=config, model=model, tokenizer=tokenizer, output_dir=str(output_dir))
+        with outputs.watch():
+            hook.on_train_end(config=config, model=model, tokenizer=tokenizer, output_dir=str(output_dir))
     eval_metrics = (
         evaluate_hooks(run_plugins, config, model, tokenizer, eval_data) if eval_data is not None else {}
     )
@@ -249,9 +267,7 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
         data=data_stats,
     )
     if trainer.is_world_process_zero():
-        _write_run_record(
-            output_dir, config, run_plugins, template_name, block_size, status="completed", result=result
-        )
+        record.write(status="completed", result=result)
     report.summary(result)
     return result
 
@@ -280,7 +296,14 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
     from .templates import get_template
 
     hook = run_plugins.hook
-    plan = plan_output_dir(config, Path(config.output_dir))
+    inputs = [
+        ("--dataset", config.dataset),
+        ("--eval-dataset", config.eval_dataset),
+        ("--model", config.model),
+        ("--tokenizer", config.tokenizer),
+        ("--template", config.template),
+    ]
+    plan = plan_output_dir(config, Path(config.output_dir), inputs)
     stored = stored_run(model_source(config))
     template_name = config.template or stored.get("template")
     template = get_template(template_name) if template_name else None
@@ -336,87 +359,6 @@ def _wait_for_everyone() -> None:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-@dataclass
-class OutputPlan:
-    """What a run will do with its output directory, decided before anything is loaded or changed."""
-
-    resume_from: Path | None = None
-    clear: bool = False  # --overwrite: delete the earlier run, just before training starts
-    note: str | None = None
-
-
-def plan_output_dir(config: RunConfig, output_dir: Path) -> OutputPlan:
-    """Refuse to clobber an earlier run or a foreign directory; find the checkpoint to resume from.
-
-    Nothing is changed here: an error found later (a bad template, a missing model) leaves the directory as
-    it was.
-    """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"--output-dir {output_dir} is a file", "choose a directory")
-    occupied = output_dir.is_dir() and any(output_dir.iterdir())
-    ours = occupied and ((output_dir / RUN_RECORD).is_file() or any(output_dir.glob("checkpoint-*")))
-    if occupied and not ours:
-        raise ConfigError(
-            f"--output-dir {output_dir} is not empty and does not hold an lmflow run",
-            "choose a new or empty directory",
-        )
-    status = read_json(output_dir / RUN_RECORD).get("status", "unfinished") if ours else None
-
-    if config.resume and config.resume != "latest":
-        checkpoint = Path(config.resume)
-        if not (checkpoint / "trainer_state.json").is_file():
-            raise ConfigError(
-                f"{checkpoint} is not a checkpoint (no trainer_state.json)",
-                "pass --resume alone for the latest checkpoint in --output-dir, or a checkpoint-N directory",
-            )
-        if ours and checkpoint.resolve().parent != output_dir.resolve():
-            raise ConfigError(
-                f"--output-dir {output_dir} already holds another run; resuming {checkpoint} there would mix them",
-                "choose a new or empty --output-dir",
-            )
-        return OutputPlan(resume_from=checkpoint)
-    if config.resume == "latest":
-        last = get_last_checkpoint(str(output_dir)) if ours else None
-        if last is None and status == "completed":
-            raise ConfigError(
-                f"--resume: the completed run in {output_dir} saved no checkpoint to continue from",
-                "use --overwrite to train it again, or choose another --output-dir",
-            )
-        if last is None:
-            return OutputPlan(
-                note=f"no checkpoint in {output_dir} to resume from; starting from the beginning"
-            )
-        return OutputPlan(resume_from=Path(last))
-    if not ours:
-        return OutputPlan()
-    if config.overwrite:
-        return OutputPlan(clear=True)
-    what = "a completed run" if status == "completed" else "an unfinished run"
-    raise ConfigError(
-        f"--output-dir {output_dir} already holds {what}",
-        "pass --resume to continue it, --overwrite to replace it, or choose another --output-dir",
-    )
-
-
-def _claim_output_dir(plan: OutputPlan, output_dir: Path) -> None:
-    """Apply the plan, right before training: clear an overwritten run, drop half-written checkpoints."""
-    if not _is_main_process():
-        return
-    if plan.clear and output_dir.exists():
-        shutil.rmtree(output_dir)
-    if output_dir.is_dir():
-        _remove_staging(output_dir)
-
-
-def _remove_staging(directory: Path) -> None:
-    """Delete half-written checkpoints left by a killed run."""
-    if _is_main_process():
-        for staging in directory.glob(f"{STAGING_PREFIX}*"):
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _load_model_config(config: RunConfig) -> Any:
@@ -681,6 +623,7 @@ class LmflowTrainer(Trainer):
     lmflow_plugins: RunPlugins
     _staging_root: str | None = None
     lmflow_step_loss: Any = None
+    lmflow_record: _RunRecorder | None = None
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         # The returned losses of one optimizer step's micro-batches add up to that step's loss.
@@ -710,6 +653,14 @@ class LmflowTrainer(Trainer):
             load_result = type(load_result)([], list(load_result.unexpected_keys))
         super()._issue_warnings_after_load(load_result)
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # Resumed from a checkpoint taken at the last step, transformers would still take one step more (its
+        # loop checks for the end only after a step): nothing is left to train.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_root or super()._get_output_dir(trial)
 
@@ -732,38 +683,14 @@ class LmflowTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)
-            _fsync_tree(os.path.join(staging_root, name))
+            fsync_tree(os.path.join(staging_root, name))
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(os.path.join(staging_root, name), final)
             shutil.rmtree(staging_root, ignore_errors=True)
-            _fsync_dir(run_dir)
+            fsync_dir(run_dir)
             rotate_checkpoints(run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
         self.accelerator.wait_for_everyone()
-
-
-def _fsync_tree(path: str) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(root)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class HookCallback(TrainerCallback):
@@ -778,6 +705,15 @@ class HookCallback(TrainerCallback):
         loss = None
         if self.trainer is not None:
             loss, self.trainer.lmflow_step_loss = self.trainer.lmflow_step_loss, None
+        record = self.trainer.lmflow_record if self.trainer is not None else None
+        # What a plugin writes into the output directory here (a metrics file...) is the run's.
+        watch = nullcontext()
+        if record is not None and state.is_world_process_zero:
+            watch = record.outputs.watch(on_new=lambda: record.write(status="running"))
+        with watch:
+            self._on_step(args, state, loss, kwargs)
+
+    def _on_step(self, args: Any, state: Any, loss: Any, kwargs: dict[str, Any]) -> None:
         self.run_plugins.hook.on_step(
             config=self.config,
             step=StepContext(
@@ -799,22 +735,28 @@ class HookCallback(TrainerCallback):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _save_final(trainer: Any, tokenizer: Any, output_dir: Path) -> None:
-    """Save the model and tokenizer: into a staging directory, then each file moved into place."""
-    staging = output_dir / f"{STAGING_PREFIX}final"
+def _save_final(trainer: Any, tokenizer: Any, output_dir: Path, record: _RunRecorder) -> None:
+    """Save the model and tokenizer: into a staging directory, then each file moved into place.
+
+    The run record lists the files before they are moved, so a run killed half-way through still owns them.
+    """
+    staging = output_dir / FINAL_STAGING
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(staging))
-        _fsync_tree(str(staging))
-        for item in staging.iterdir():
+        fsync_tree(str(staging))
+        items = sorted(staging.iterdir())
+        record.outputs.add(item.name for item in items)
+        record.write(status="running")
+        for item in items:
             target = output_dir / item.name
-            if target.is_dir():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(item, target)
         staging.rmdir()
-        _fsync_dir(str(output_dir))
+        fsync_dir(str(output_dir))
     trainer.accelerator.wait_for_everyone()
 
 
@@ -833,54 +775,56 @@ def _samples(
     return out
 
 
-def _write_run_record(
-    output_dir: Path,
-    config: RunConfig,
-    run_plugins: RunPlugins,
-    template: str | None,
-    block_size: int,
-    status: str,
-    result: RunResult | None = None,
-) -> None:
-    """Write ``lmflow_run.json`` and ``run_config.yaml`` atomically; later commands read the template from it.
+class _RunRecorder:
+    """Writes ``lmflow_run.json`` and ``run_config.yaml`` (main process only, atomically).
 
-    ``run_config.yaml`` holds the settings that define the run, so ``lmflow run --config out/run_config.yaml
-    --output-dir other`` repeats it (how this run was started, ``--resume``/``--overwrite``, is left out).
+    The record says the directory is an lmflow run, which template and block size later commands use, and
+    which entries the run wrote (``outputs``: all that ``--overwrite`` may delete). ``run_config.yaml`` holds
+    the settings that define the run, so ``lmflow run --config out/run_config.yaml --output-dir other`` repeats
+    it (how this run was started, ``--resume``/``--overwrite``, is left out).
     """
-    if not _is_main_process():
-        return
-    import yaml
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("resume", "overwrite")}
-    record = {
-        "lmflow_version": __version__,
-        "status": status,
-        "template": template,
-        "block_size": block_size,
-        "plugins": run_plugins.versions(),
-        "config": settings,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if result is not None:
-        record["result"] = result.to_dict()
-    _atomic_write(output_dir / RUN_RECORD, json.dumps(record, indent=2, default=_json_default) + "\n")
-    _atomic_write(output_dir / RUN_CONFIG, yaml.safe_dump(settings, sort_keys=False))
+    def __init__(
+        self,
+        output_dir: Path,
+        config: RunConfig,
+        run_plugins: RunPlugins,
+        template: str | None,
+        block_size: int,
+        outputs: OutputTracker,
+    ) -> None:
+        self.output_dir, self.config, self.run_plugins = output_dir, config, run_plugins
+        self.template, self.block_size, self.outputs = template, block_size, outputs
+        if "tensorboard" in config.report_to.split(","):
+            outputs.add(["runs"])  # transformers' TensorBoard logs go to <output_dir>/runs
+
+    def write(self, status: str, result: RunResult | None = None) -> None:
+        if not _is_main_process():
+            return
+        import yaml
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in self.config.to_dict().items() if k not in ("resume", "overwrite")}
+        record = {
+            "lmflow_version": __version__,
+            "status": status,
+            "template": self.template,
+            "block_size": self.block_size,
+            "plugins": self.run_plugins.versions(),
+            "config": settings,
+            "outputs": self.outputs.listed(),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if result is not None:
+            record["result"] = result.to_dict()
+        atomic_write(self.output_dir / RUN_RECORD, json.dumps(record, indent=2, default=_json_default) + "\n")
+        atomic_write(self.output_dir / RUN_CONFIG, yaml.safe_dump(settings, sort_keys=False))
 
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return str(value)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 __all__ = ["RunResult", "StepContext", "configure", "execute", "format_duration", "run"]
