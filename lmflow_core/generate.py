@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .templates import Conversation, Template, render_text
+from .templates import Conversation, Template, encode_prompt, render_text
 
 
 @dataclass
@@ -184,13 +184,20 @@ def generate_text(
     on_text: Callable[[str], None] | None = None,
     config: Any = None,
     add_special_tokens: bool = False,
+    template: Template | None = None,
 ) -> Generation:
     """Generate after a prompt text, cutting at the stop strings.
 
     A rendered chat prompt already holds its special tokens as text (``add_special_tokens=False``); a raw
-    prompt gets what the tokenizer adds by itself (e.g. BOS) with ``add_special_tokens=True``.
+    prompt gets what the tokenizer adds by itself (e.g. BOS) with ``add_special_tokens=True``. A chat prompt
+    of ``template`` is tokenized as training tokenizes it (Llama 2: turn by turn, as Meta's code does).
     """
-    input_ids = tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
+    if template is not None:
+        import torch
+
+        input_ids = torch.tensor([encode_prompt(tokenizer, prompt, template)], dtype=torch.long)
+    else:
+        input_ids = tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
     prompt_length = input_ids.shape[1]
     stream = TextStream(tokenizer, prompt_length, options.stop_strings, on_text) if on_text else None
     new_ids = generate_ids(hook, model, tokenizer, input_ids, options, stream, config).tolist()
@@ -223,7 +230,9 @@ def reply(
     """The assistant's next message, decoded and cut at the template's end-of-turn markers."""
     prompt = chat_prompt(hook, template, conversation, tokenizer)
     stops = template.stop_strings or ((tokenizer.eos_token,) if tokenizer.eos_token else ())
-    return generate_text(hook, model, tokenizer, prompt, options.with_stops(stops), on_text, config)
+    return generate_text(
+        hook, model, tokenizer, prompt, options.with_stops(stops), on_text, config, template=template
+    )
 
 
 def run_in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:

@@ -80,10 +80,12 @@ class Conversation:
     def from_file(cls, path: str | Path) -> Conversation:
         """Read a ``--messages`` file: a JSON list of ``{"role", "content"}``, or an object with ``messages``
         and optional ``system`` and ``tools``."""
+        from .inputs import read_input_text
+
+        text = read_input_text(path, "--messages file", "pass a JSON list of {role, content}")
         try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except (OSError, ValueError) as exc:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
             raise LmflowError(
                 f"cannot read messages from {path}: {exc}", "pass a JSON list of {role, content}"
             ) from exc
@@ -149,6 +151,8 @@ class Template:
         stop_strings: text that ends an assistant turn, for generation.
         supports_tools: whether ``tool`` messages, assistant tool calls and tool definitions are rendered.
         system_note: what happens to a system prompt, for ``lmflow templates show``.
+        tokenize_per_bos: tokenize each piece of the rendered text that follows a BOS on its own (see
+            :func:`encode_segments`); otherwise the text is tokenized in one piece.
     """
 
     name: str = ""
@@ -156,6 +160,7 @@ class Template:
     stop_strings: tuple[str, ...] = ()
     supports_tools: bool = False
     system_note: str = ""
+    tokenize_per_bos: bool = False
 
     def check(self, conversation: Conversation) -> None:
         """Raise :class:`TemplateError` if the conversation cannot be rendered by this template."""
@@ -421,11 +426,15 @@ class TurnTemplate(Template):
         """Load a template from a YAML or JSON file holding this class's fields."""
         import yaml
 
+        from .inputs import read_input_text
+
         path = Path(path)
+        text = read_input_text(path, "template file", "check the path given to --template", TemplateError)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise TemplateError(f"template file {path} cannot be read: {exc}", "fix the file") from exc
+            data = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as exc:
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TemplateError(f"template file {path} cannot be read: {problem}", "fix the file") from exc
         if not isinstance(data, dict):
             raise TemplateError(f"template file {path} must be a mapping of field: value")
         return cls.from_mapping(data, str(path))
@@ -502,9 +511,7 @@ def available_templates() -> dict[str, Template]:
 def get_template(name: str) -> Template:
     """A template by registered name, or from a ``.yaml``/``.yml``/``.json`` file path."""
     if name.endswith((".yaml", ".yml", ".json")) or "/" in name:
-        if not Path(name).is_file():
-            raise TemplateError(f"template file {name} does not exist", "check the path given to --template")
-        return TurnTemplate.from_file(name)
+        return TurnTemplate.from_file(name)  # a missing file, a pipe or a device is refused there
     templates = available_templates()
     if name not in templates:
         import difflib
@@ -566,7 +573,11 @@ def encode_segments(
     if bos_id is not None and bos_id == getattr(tokenizer, "eos_token_id", None):
         bos_id = None  # BOS and EOS are one token (GPT-2): it ends the assistant turns, which are trained
     if getattr(tokenizer, "is_fast", False):
-        bos = getattr(tokenizer, "bos_token", None) if getattr(template, "tokenize_per_bos", False) else None
+        bos = (
+            getattr(tokenizer, "bos_token", None)
+            if template is not None and template.tokenize_per_bos
+            else None
+        )
         pieces = [split_at(render_text(segments), bos) for segments in batch]
         encoded = tokenizer(
             [text for sample in pieces for _, text in sample],
@@ -582,7 +593,11 @@ def encode_segments(
                 offsets += [(a + start, b + start) for a, b in encoded["offset_mapping"][k]]
                 k += 1
             all_ids.append(sample_ids)
-            all_labels.append(_untrained_bos(labels_from_offsets(sample_ids, offsets, trained_spans(segments)), sample_ids, bos_id))
+            all_labels.append(
+                _untrained_bos(
+                    labels_from_offsets(sample_ids, offsets, trained_spans(segments)), sample_ids, bos_id
+                )
+            )
         return all_ids, all_labels
     all_ids, all_labels = [], []
     for segments in batch:
@@ -613,3 +628,9 @@ def _untrained_bos(labels: list[int], ids: Sequence[int], bos_id: int | None) ->
     if bos_id is None:
         return labels
     return [-100 if token == bos_id else label for token, label in zip(ids, labels)]
+
+
+def encode_prompt(tokenizer: Any, prompt: str, template: Template | None = None) -> list[int]:
+    """The ids of a rendered chat prompt, tokenized exactly as training tokenizes the same text."""
+    [ids], _labels = encode_segments(tokenizer, [[Segment(prompt)]], template)
+    return ids

@@ -650,6 +650,7 @@ TEMPLATES += [
     alias("deepseek", "deepseek_v3"),
 ]
 
+
 @hookimpl
 def register_templates() -> list[Template]:
     return list(TEMPLATES)

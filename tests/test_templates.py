@@ -3,11 +3,13 @@ template, the generated Jinja, template files, and the `lmflow templates` comman
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 
 import pytest
 from conftest import SHARED, invoke, write_json
+from transformers import AutoTokenizer
 
 from lmflow_core.templates import (
     Conversation,
@@ -82,6 +84,7 @@ def official_template(file: str):
     return _compile_jinja_template((OFFICIAL / file).read_text(encoding="utf-8"))
 
 
+@functools.lru_cache
 def reference_template(file: str):
     """Compile a collected template the way ../shared/reference/README.md says (what transformers does)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -152,9 +155,9 @@ def alternates(conversation: Conversation) -> bool:
     return all(m.role == ("user", "assistant")[i % 2] for i, m in enumerate(conversation.messages))
 
 
-def render_or_error(render):
+def render_or_error(render, *args, **kwargs):
     try:
-        return render()
+        return render(*args, **kwargs)
     except Exception as exc:  # what the official template raised, to compare with ours
         return exc
 
@@ -172,15 +175,14 @@ def test_rendering_equals_the_models_own_template_bos_included(name):
     for _ in range(CONVERSATIONS_PER_FAMILY):
         conversation, prompt = random_conversation(rng, broken=0.1)
         expected = render_or_error(
-            lambda: official.render(
-                messages=conversation.to_dicts(),
-                add_generation_prompt=prompt,
-                bos_token=bos,
-                eos_token=eos,
-                **extra,
-            )
+            official.render,
+            messages=conversation.to_dicts(),
+            add_generation_prompt=prompt,
+            bos_token=bos,
+            eos_token=eos,
+            **extra,
         )
-        got = render_or_error(lambda: render_text(template.render(conversation, prompt)))
+        got = render_or_error(lambda c, p: render_text(template.render(c, p)), conversation, prompt)
         if isinstance(got, TemplateError):
             # Ours refuses what the model's template refuses, and beyond that only broken role order.
             assert isinstance(expected, Exception) or not alternates(conversation), (conversation, expected)
@@ -250,8 +252,10 @@ def test_what_the_models_own_template_refuses_is_a_one_line_error(name, file, me
     with pytest.raises(TemplateError) as error:
         get_template(name).render(Conversation.from_messages(dicts))
     assert "\n" not in str(error.value)
-    assert "no system prompt" in str(error.value) or "must alternate" in str(error.value) or (
-        "has role 'system'" in str(error.value)
+    assert (
+        "no system prompt" in str(error.value)
+        or "must alternate" in str(error.value)
+        or ("has role 'system'" in str(error.value))
     )
 
 
@@ -486,6 +490,256 @@ def test_token_labels_with_the_real_llama2_tokenizer(tmp_path):
     assert trained.replace(" ", "") == "Hello,friend!</s>Goodbye.</s>"
     assert all(label == -100 for token, label in zip(ids, labels) if token == tokenizer.bos_token_id)
     assert all(label != -100 for token, label in zip(ids, labels) if token == tokenizer.eos_token_id)
+
+
+# ---- BOS: exactly where the model's own template puts it ----------------------------------------------------------
+
+LLAMA2_MODEL = SHARED / "llama2_tokenizer" / "tokenizer.model"
+needs_llama2 = pytest.mark.skipif(not LLAMA2_MODEL.is_file(), reason="../shared/reference is not present")
+B_INST, E_INST, B_SYS, E_SYS = "[INST]", "[/INST]", "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+@pytest.fixture(scope="module")
+def llama2_dir(tmp_path_factory):
+    import shutil
+
+    if not LLAMA2_MODEL.is_file():
+        pytest.skip("../shared/reference/llama2_tokenizer is not present")
+    directory = tmp_path_factory.mktemp("llama2_tokenizer")
+    shutil.copy(LLAMA2_MODEL, directory / "tokenizer.model")
+    return directory
+
+
+def meta_llama2_ids(sp, conversation: Conversation) -> list[int]:
+    """Meta's encoding of a Llama 2 chat (``chat_completion`` in llama/generation.py): the system prompt folded
+    into the first user message, ``[bos] + encode("[INST] {user} [/INST] {answer} ") + [eos]`` per exchange, and
+    ``[bos] + encode("[INST] {user} [/INST]")`` for a final user message."""
+    dialog = conversation.to_dicts()
+    if dialog[0]["role"] == "system":
+        first = {
+            "role": dialog[1]["role"],
+            "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"],
+        }
+        dialog = [first, *dialog[2:]]
+    ids: list[int] = []
+    for prompt, answer in zip(dialog[::2], dialog[1::2]):
+        text = f"{B_INST} {(prompt['content']).strip()} {E_INST} {(answer['content']).strip()} "
+        ids += [sp.bos_id(), *sp.encode(text), sp.eos_id()]
+    if len(dialog) % 2:
+        ids += [sp.bos_id(), *sp.encode(f"{B_INST} {(dialog[-1]['content']).strip()} {E_INST}")]
+    return ids
+
+
+def conversation_records(conversations: list[Conversation]):
+    from lmflow_core.data.formats import RawDataset
+
+    records = [
+        {"system": c.system, "messages": [{"role": m.role, "content": m.content} for m in c.messages]}
+        for c in conversations
+    ]
+    return RawDataset("conversation", records, [])
+
+
+# Text that is never a control token of the test tokenizers (sentencepiece reads "<s>" in text as text; a
+# transformers tokenizer reads it as the BOS: a property of the message, not of the format).
+PLAIN_TEXTS = [t for t in TEXTS if "<s>" not in t]
+
+
+@needs_llama2
+@pytest.mark.parametrize("legacy", [False, True])
+def test_llama2_training_and_prompt_ids_equal_metas_encoding(llama2_dir, legacy):
+    """The real LLaMA-2 tokenizer: lmflow's training ids (data preparation) and chat prompt ids equal Meta's
+    reference encoding, with and without a system prompt, one to four exchanges, BOS once per exchange."""
+    import sentencepiece
+
+    from lmflow_core.data import tokenize_dataset
+    from lmflow_core.templates import encode_prompt
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(LLAMA2_MODEL))
+    tokenizer = AutoTokenizer.from_pretrained(llama2_dir, legacy=legacy, add_bos_token=True)
+    template = get_template("llama2")
+    rng = random.Random(f"meta{legacy}")
+    finished, prompts = [], []
+    while len(finished) < 60 or len(prompts) < 60:
+        turns = [
+            Message(("user", "assistant")[i % 2], rng.choice(PLAIN_TEXTS)) for i in range(rng.randint(1, 8))
+        ]
+        conversation = Conversation(turns, rng.choice(SYSTEMS))
+        (prompts if turns[-1].role == "user" else finished).append(conversation)
+    data, _stats = tokenize_dataset(
+        conversation_records(finished), tokenizer, 100_000, template, use_cache=False
+    )
+    for conversation, example in zip(finished, data):
+        expected = meta_llama2_ids(sp, conversation)
+        assert example["input_ids"] == expected, conversation
+        exchanges = len(conversation.messages) // 2
+        assert expected.count(sp.bos_id()) == exchanges == expected.count(sp.eos_id())
+        labels = example["labels"]
+        assert all(label == -100 for token, label in zip(expected, labels) if token == sp.bos_id())
+        assert all(label == token for token, label in zip(expected, labels) if token == sp.eos_id())
+    for conversation in prompts:
+        prompt = render_text(template.render(conversation, True, tokenizer))
+        assert encode_prompt(tokenizer, prompt, template) == meta_llama2_ids(sp, conversation)
+    # Why the turns are tokenized apart: in one piece, transformers' default (legacy=False) reads "[INST]"
+    # after "<s>" as "[" where Meta's encoding has "▁[".
+    joined = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not legacy:
+        assert joined[:2] == [sp.bos_id(), sp.piece_to_id("[")] != meta_llama2_ids(sp, conversation)[:2]
+    assert meta_llama2_ids(sp, conversation)[:2] == [sp.bos_id(), sp.piece_to_id("▁[")]
+
+
+# Per template: the BOS and EOS of the model family's tokenizer ("" for families whose tokenizer has no BOS:
+# the test tokenizer then keeps "<s>", which it may add by itself but the format must not contain).
+FAMILY_SPECIALS = {
+    **{name: ("<bos>", "<eos>") for name in ("gemma", "gemma2", "gemma3", "tokenizer")},
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
+    "chatqa": ("<|begin_of_text|>", "<|end_of_text|>"),
+    **{name: ("<s>", "<|endoftext|>") for name in ("phi3", "phi35")},
+    "phi3_small": ("<|endoftext|>", "<|endoftext|>"),
+    **{name: ("<|endoftext|>", "<|im_end|>") for name in ("phi4", "phi4_reasoning")},
+    **{name: (DEEPSEEK_BOS, DEEPSEEK_EOS) for name in ("deepseek", "deepseek_v2", "deepseek_v2_legacy")},
+    "deepseek_v3": (DEEPSEEK_BOS, DEEPSEEK_EOS),
+    "granite": ("<|end_of_text|>", "<|end_of_text|>"),
+    **{name: ("", "<|im_end|>") for name in ("chatml", "qwen2", "qwen2_5", "qwen3", "qwen3_5", "yi")},
+    **{name: ("", "<|im_end|>") for name in ("qwen3_thinking", "qwen3_no_think")},
+    "falcon": ("", "<|endoftext|>"),
+    "chatglm3": ("", "</s>"),
+}
+# Templates whose text starts with the family's BOS (the others write none, as their models' templates).
+STARTS_WITH_BOS = {
+    "alpaca", "amberchat", "chatqa", "deepseek", "deepseek_v2", "deepseek_v2_legacy", "deepseek_v3",
+    "gemma", "gemma2", "gemma3", "internlm2", "llama2", "llama3", "mistral", "mistral_v1", "mistral_v2v3",
+    "mistral_v3_tekken", "mistral_v7_tekken", "openchat", "phi3", "phi3_small", "saiga", "solar",
+    "tokenizer", "vicuna",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def small_sentencepiece(tmp_path_factory):
+    """A small SentencePiece BPE model like LLaMA's (byte fallback, <s> and </s>), trained in 0.03 s: the real
+    one would make these 90 tests spend a minute in datasets' hashing of the tokenizer."""
+    import sentencepiece
+
+    directory = tmp_path_factory.mktemp("small_sentencepiece")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS * 30),
+        model_prefix=str(directory / "tokenizer"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizers(small_sentencepiece):
+    """One tokenizer that adds the BOS by itself, one that does not."""
+    return {
+        adds: AutoTokenizer.from_pretrained(small_sentencepiece, add_bos_token=adds) for adds in (True, False)
+    }
+
+
+def with_family_specials(tokenizer, name: str, adds_bos: bool):
+    bos, eos = FAMILY_SPECIALS.get(name, ("<s>", "</s>"))
+    tokenizer.add_special_tokens({"bos_token": bos or "<s>", "eos_token": eos})
+    tokenizer.add_bos_token = adds_bos  # rebuilds what the tokenizer adds, with this BOS
+    tokenizer.chat_template = (OFFICIAL / "gemma.jinja").read_text() if name == "tokenizer" else None
+    assert (tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id) == adds_bos
+    return bos
+
+
+def reference_text(name: str, template, conversation: Conversation, tokenizer) -> str:
+    """The model's own template's text where the reference has it; ours otherwise (tested above)."""
+    file, *_ = OFFICIAL_FAMILIES.get(name, (None,))
+    if name == "qwen3":
+        file = "qwen3.jinja"  # the first release renders training conversations as the later file does
+    if name == "tokenizer":
+        file = "gemma.jinja"
+    if file is not None:
+        bos, eos, extra = *FAMILY_SPECIALS.get(name, ("<s>", "</s>")), OFFICIAL_FAMILIES.get(name, [{}])[-1]
+        return official_template(file).render(
+            messages=conversation.to_dicts(), bos_token=bos, eos_token=eos, **extra
+        )
+    if name in FAMILIES and name != "llama2":
+        file, bos, eos = FAMILIES[name]
+        return reference_template(file).render(
+            messages=conversation.to_dicts(), bos_token=bos, eos_token=eos, raise_exception=raise_exception
+        )
+    return render_text(template.render(conversation, False, tokenizer))
+
+
+@needs_official
+@pytest.mark.parametrize("adds_bos", [True, False], ids=["tokenizer-adds-bos", "tokenizer-adds-none"])
+@pytest.mark.parametrize("name", sorted(available_templates()))
+def test_training_ids_hold_the_bos_exactly_where_the_models_template_puts_it(
+    name, adds_bos, bos_tokenizers, small_sentencepiece
+):
+    """Data preparation's ids, for every template, with a tokenizer that adds the BOS by itself and one that does
+    not: the tokens of the model's own template's text (BOS included, once, first), never a second BOS
+    from the tokenizer, never none; a BOS is never trained."""
+    from lmflow_core.data import tokenize_dataset
+
+    tokenizer = bos_tokenizers[adds_bos]
+    bos = with_family_specials(tokenizer, name, adds_bos)
+    template = get_template(name)
+    rng = random.Random(name)
+    conversations = []
+    while len(conversations) < 8:
+        conversation, _prompt = random_conversation(rng)
+        conversation.messages = [
+            Message(m.role, m.content.replace("</s>", "").replace("<s>", "")) for m in conversation.messages
+        ]
+        if name in ("gemma", "gemma2", "tokenizer"):
+            conversation.system = None  # refused by Gemma's template
+        conversations.append(conversation)
+    data, _stats = tokenize_dataset(
+        conversation_records(conversations), tokenizer, 100_000, template, use_cache=False
+    )
+    sp = None
+    if name == "llama2":
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(small_sentencepiece / "tokenizer.model"))
+    bos_id = tokenizer.bos_token_id
+    for conversation, example in zip(conversations, data, strict=True):
+        ids, labels = example["input_ids"], example["labels"]
+        text = reference_text(name, template, conversation, tokenizer)
+        expected = (
+            meta_llama2_ids(sp, conversation)
+            if sp
+            else tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
+        assert ids == expected, conversation
+        if not bos:
+            assert bos_id not in ids  # the tokenizer's own BOS is not added to a format that has none
+            continue
+        assert text.startswith(bos) == (name in STARTS_WITH_BOS)
+        assert ids.count(bos_id) == text.count(bos)
+        if name in STARTS_WITH_BOS:
+            assert ids[0] == bos_id and ids[1] != bos_id  # first, and not doubled
+        if name not in ("llama2", "saiga"):  # a BOS per turn in those two formats
+            assert ids.count(bos_id) == (name in STARTS_WITH_BOS) or bos_id == tokenizer.eos_token_id
+        if bos_id != tokenizer.eos_token_id:
+            assert all(label == -100 for token, label in zip(ids, labels) if token == bos_id)
+
+
+def test_text_data_trains_no_bos(bos_tokenizers):
+    """text_only data gets the BOS a tokenizer adds by itself, untrained; text2text keeps it in the prompt."""
+    from lmflow_core.data import tokenize_dataset
+    from lmflow_core.data.formats import RawDataset
+
+    tokenizer = bos_tokenizers[True]
+    with_family_specials(tokenizer, "llama2", True)
+    raw = RawDataset("text_only", [{"text": "Rivers run."}, {"text": "Seas rise."}], [])
+    data, _stats = tokenize_dataset(raw, tokenizer, 100_000, group_texts=False, use_cache=False)
+    for example, text in zip(data, ("Rivers run.", "Seas rise.")):
+        body = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert example["input_ids"] == [tokenizer.bos_token_id, *body, tokenizer.eos_token_id]
+        assert example["labels"] == [-100, *body, tokenizer.eos_token_id]
 
 
 # ---- the `tokenizer` template -------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 from ..templates import Conversation, Segment, Template, encode_segments
 from .formats import RawDataset
 
-CACHE_FORMAT = "lmflow-data-v2"  # bump when tokenization changes, so old caches are not reused
+CACHE_FORMAT = "lmflow-data-v3"  # bump when tokenization changes, so old caches are not reused
 IGNORE_INDEX = -100
 TEXT_FIELDS = ("text", "input", "output", "system", "messages", "tools")
 
@@ -112,7 +112,7 @@ def tokenize_dataset(
                 render(template, Conversation.from_messages(messages, system, tool_list))
                 for messages, system, tool_list in zip(batch["messages"], batch["system"], tools)
             ]
-            ids, labels = encode_segments(tokenizer, rendered)
+            ids, labels = encode_segments(tokenizer, rendered, template)
         elif raw.type == "text2text":
             prompts = tokenizer(batch["input"], add_special_tokens=True)["input_ids"]
             answers = tokenizer(batch["output"], add_special_tokens=False)["input_ids"]
@@ -123,7 +123,7 @@ def tokenize_dataset(
                 labels.append([IGNORE_INDEX] * len(prompt) + answer)
         else:
             ids = [_with_eos(x, eos) for x in tokenizer(batch["text"], add_special_tokens=True)["input_ids"]]
-            labels = [list(x) for x in ids]
+            labels = [_untrained_bos(x, tokenizer) for x in ids]
         return {"input_ids": ids, "labels": labels, "_full_length": [len(x) for x in ids]}
 
     def finish(batch: dict[str, list]) -> dict[str, list]:
@@ -200,6 +200,14 @@ def tokenize_dataset(
     if use_cache:
         _save_cache(cache_dir, encoded, stats)
     return encoded, stats
+
+
+def _untrained_bos(ids: list[int], tokenizer: Any) -> list[int]:
+    """Labels of a text: every token, except the BOS the tokenizer put first (a BOS is never trained)."""
+    bos = tokenizer.bos_token_id
+    if ids and bos is not None and ids[0] == bos and bos != tokenizer.eos_token_id:
+        return [IGNORE_INDEX, *ids[1:]]
+    return list(ids)
 
 
 def _with_eos(ids: list[int], eos: int | None) -> list[int]:
