@@ -197,15 +197,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (or JSON) run config into a dict, checking it is a mapping of known keys."""
     import yaml
 
+    from .inputs import read_input_text
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist", "check the path given to --config")
+    text = read_input_text(path, "config file", "check the path given to --config", ConfigError)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config file {path} is not valid YAML{where}", "fix the syntax") from exc
+    except RecursionError:
+        raise ConfigError(
+            f"config file {path} is nested too deeply to read", "a run config is a mapping of option: value"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -15,9 +15,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a file, or ``{}`` when it is missing or unreadable."""
+    from .inputs import read_input_text
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(read_input_text(path))  # only a regular file: a pipe here must not hang the run
+    except (LmflowError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -1,6 +1,9 @@
 """Reading and validating datasets.
 
-Accepted inputs (a file, or a directory whose ``.json``/``.jsonl`` files are all read, in name order):
+Accepted inputs: a file, or a directory whose data files are all read, in name order (its other entries are
+named in a note). Data files are regular files (a symlink to one is fine) named ``.json`` or ``.jsonl``, in any
+case, optionally gzipped (``.json.gz``, ``.jsonl.gz``: decompressed as they are read). Named pipes, devices and
+JSON nested deeper than Python can parse are refused with an error naming the file. The formats:
 
 * the LMFlow format, ``{"type": T, "instances": [...]}`` in a ``.json`` file, with ``T`` one of
   ``text_only`` (``{"text"}``), ``text2text`` (``{"input", "output"}``) and ``conversation``
@@ -23,11 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..inputs import DATASET_FILE_LIMIT, read_input_text
 from ..templates import Conversation, Template, TemplateError
 
 TYPES = ("text_only", "text2text", "conversation")
 ALPACA = "alpaca"
-EXTENSIONS = (".json", ".jsonl")
+#: Names of the files a dataset is read from, compared in lower case; longest first, so ``.jsonl.gz`` wins.
+SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json")
+_SUFFIX_NAMES = ".json or .jsonl file (optionally gzipped: .json.gz, .jsonl.gz)"
+_READ_NAMES = ".json, .jsonl, .json.gz and .jsonl.gz"
+#: Nesting that no real record reaches; where a file nests deeper than Python parses, the error shows the spot.
+MAX_DEPTH = 500
 _KEYS_TO_TYPE = (
     ("messages", "conversation"),
     ("instruction", ALPACA),
@@ -55,21 +64,45 @@ class RawDataset:
         return len(self.records)
 
 
+def data_suffix(path: str | Path) -> str | None:
+    """The data-file suffix of ``path`` in lower case (``".jsonl.gz"`` for ``x.JSONL.GZ``), or ``None``."""
+    name = Path(path).name.lower()
+    return next((suffix for suffix in SUFFIXES if name.endswith(suffix) and name != suffix), None)
+
+
 def dataset_files(path: str | Path) -> list[Path]:
-    """The data files at ``path`` (itself, or the ``.json``/``.jsonl`` files of a directory)."""
-    path = Path(path).expanduser()
+    """The data files at ``path`` (itself, or the data files of a directory, in name order)."""
+    return _scan(Path(path).expanduser())[0]
+
+
+def _scan(path: Path) -> tuple[list[Path], list[str]]:
+    """The data files at ``path`` and the names of a directory's entries that are not read."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in EXTENSIONS)
+        files, skipped = [], []
+        for entry in sorted(path.iterdir()):
+            if data_suffix(entry) is not None:
+                files.append(entry)  # a pipe or device with a data name is refused when it is read
+            elif not entry.name.startswith("."):  # .gitattributes, .cache...: never data, not worth a note
+                skipped.append(entry.name + ("/" if entry.is_dir() else ""))
         if not files:
-            raise DataError(f"dataset directory {path} holds no .json or .jsonl file", "check the path")
-        return files
-    if not path.exists():
+            raise DataError(
+                f"dataset directory {path} holds no .json or .jsonl file"
+                + (f" (it holds {_listing(skipped)})" if skipped else ""),
+                "check the path",
+            )
+        return files, skipped
+    if not path.exists() and not path.is_symlink():
         raise DataError(f"dataset {path} does not exist", "check the path")
-    if path.suffix not in EXTENSIONS:
+    if data_suffix(path) is None:
         raise DataError(
-            f"dataset {path} is not a .json or .jsonl file", "convert it to one of the formats in README"
+            f"dataset {path} is not a {_SUFFIX_NAMES}", "convert it to one of the formats in README"
         )
-    return [path]
+    return [path], []
+
+
+def _listing(names: list[str], shown: int = 5) -> str:
+    listed = ", ".join(names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 Normalizer = Callable[[Any, "str | None", str], "tuple[str, dict[str, Any]] | None"]
@@ -92,7 +125,12 @@ def load_raw_dataset(
     Raises:
         DataError: naming the file and record index of the first problem.
     """
-    files = dataset_files(path)
+    files, skipped = _scan(Path(path).expanduser())
+    if skipped:
+        from ..report import note
+
+        verb = "is" if len(skipped) == 1 else "are"
+        note(f"dataset directory {path}: {_listing(skipped)} {verb} not read (only {_READ_NAMES} files are)")
     dataset: RawDataset | None = None
     for file in files:
         kind, items = _read_file(file)
@@ -100,8 +138,14 @@ def load_raw_dataset(
             if max_samples is not None and dataset is not None and len(dataset) >= max_samples:
                 break
             where = f"{file}: {label}"
-            custom = normalize(item, kind, where) if normalize is not None else None
-            record_type, record = custom if custom is not None else _normalise(item, kind, where)
+            try:
+                custom = normalize(item, kind, where) if normalize is not None else None
+                record_type, record = custom if custom is not None else _normalise(item, kind, where)
+            except RecursionError:
+                raise DataError(
+                    f"{where} is nested too deeply to read",
+                    "flatten the record (real records nest a few levels)",
+                ) from None
             if _base_type(record_type) not in TYPES:
                 raise DataError(f"{where}: a plugin returned the unknown record type {record_type!r}")
             if dataset is None:
@@ -131,13 +175,10 @@ def load_raw_dataset(
 
 def _read_file(file: Path) -> tuple[str | None, list[tuple[str, Any]]]:
     """``(declared type or None, [(label, item), ...])`` of one file; labels say where an item is."""
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{file} is not UTF-8 text (byte {exc.start})", "re-encode the file as UTF-8"
-        ) from exc
-    if file.suffix == ".jsonl":
+    text = read_input_text(
+        file, "dataset", "pass a regular .json or .jsonl file", DataError, DATASET_FILE_LIMIT, decompress=True
+    )
+    if (data_suffix(file) or "").startswith(".jsonl"):
         items = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -148,6 +189,8 @@ def _read_file(file: Path) -> tuple[str | None, list[tuple[str, Any]]]:
                 raise DataError(
                     f"{file}: line {number} is not valid JSON ({exc.msg})", "fix that line"
                 ) from exc
+            except RecursionError:
+                raise _too_deep(file, line, f"line {number}") from None
         return None, items
     try:
         data = json.loads(text)
@@ -155,6 +198,8 @@ def _read_file(file: Path) -> tuple[str | None, list[tuple[str, Any]]]:
         raise DataError(
             f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", "fix the syntax"
         ) from exc
+    except RecursionError:
+        raise _too_deep(file, text) from None
     if isinstance(data, list):
         return None, [(f"record {i}", item) for i, item in enumerate(data)]
     if isinstance(data, dict) and "instances" in data:
@@ -171,6 +216,58 @@ def _read_file(file: Path) -> tuple[str | None, list[tuple[str, Any]]]:
         f'{file} is neither an LMFlow dataset ({{"type", "instances"}}) nor a list of records',
         "see README, Data formats",
     )
+
+
+def _too_deep(file: Path, text: str, label: str | None = None) -> DataError:
+    """The error for JSON nested deeper than Python parses, naming the record and the spot where it goes deep."""
+    spot = _deep_spot(text, MAX_DEPTH)
+    where = label
+    if spot is not None:
+        line, column, record = spot
+        where = where or record
+        position = f"line {line}, column {column}" if label is None else f"column {column}"
+        where = f"{where + ', ' if where else ''}{position}"
+    return DataError(
+        f"{file}: {where or 'the file'} nests JSON more than {MAX_DEPTH} levels deep, deeper than lmflow reads",
+        "flatten the record (real records nest a few levels)",
+    )
+
+
+def _deep_spot(text: str, limit: int) -> tuple[int, int, str | None] | None:
+    """``(line, column, record label)`` where ``text`` first nests deeper than ``limit``; ``None`` if it never
+    does. The label is ``record N`` in a list of records, ``instance N`` in an LMFlow file."""
+    stack: list[list] = []  # [bracket, index of the current element if a list]
+    key, in_string, escaped, line, line_start = None, False, False, 1, 0
+    string_start = 0
+    for i, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+                if len(stack) == 1 and stack[0][0] == "{":
+                    key = text[string_start + 1 : i]
+            continue
+        if char == '"':
+            in_string, string_start = True, i
+        elif char in "[{":
+            stack.append([char, 0])
+            if len(stack) > limit:
+                label = None
+                if stack[0][0] == "[":
+                    label = f"record {stack[0][1]}"
+                elif key == "instances" and stack[1][0] == "[":
+                    label = f"instance {stack[1][1]}"
+                return line, i - line_start + 1, label
+        elif char in "]}" and stack:
+            stack.pop()
+        elif char == "," and stack and stack[-1][0] == "[":
+            stack[-1][1] += 1
+        elif char == "\n":
+            line, line_start = line + 1, i + 1
+    return None
 
 
 def _base_type(record_type: str) -> str:

@@ -1,0 +1,188 @@
+"""Reading the files a user points lmflow at (datasets, --config, --messages, template files), safely.
+
+Only regular files are read (a symlink to one is fine): a named pipe would block the read forever and a
+device such as ``/dev/zero`` never ends. The file is checked with ``stat`` before it is opened, opened with
+``O_NONBLOCK`` (so a pipe swapped in after the check cannot block the open) and checked again with ``fstat``.
+Reads stop at a size limit, and ``.gz`` files are decompressed as a stream with a guard against gzip bombs.
+Every refusal is an :class:`~lmflow_core.errors.LmflowError` (of the class the caller names) whose one line
+names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import stat
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import LmflowError
+
+#: Settings, conversations and templates are small; anything bigger is not what the user meant to pass.
+SMALL_FILE_LIMIT = 64 * 2**20
+#: One dataset file (after decompression); every record is held in memory, so this is already generous.
+DATASET_FILE_LIMIT = 16 * 2**30
+#: A ``.gz`` file may decompress to this many times its size, or to ``GZIP_FLOOR`` bytes, whichever is more.
+#: Text and JSON compress 3 to 20 times; a gzip bomb compresses about 1000 times.
+GZIP_RATIO = 200
+GZIP_FLOOR = 2**30
+_CHUNK = 2**20
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` describes, in words (``"a named pipe (FIFO)"``, ``"a regular file"``...)."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def open_input_file(
+    path: str | os.PathLike, what: str = "file", fix: str = "check the path", error: type = LmflowError
+) -> BinaryIO:
+    """Open the regular file at ``path`` for binary reading, refusing anything else.
+
+    Args:
+        what: how messages name the file (``"dataset"``, ``"--config file"``...).
+        fix: the advice when the path is missing or is not a regular file.
+        error: the :class:`LmflowError` subclass to raise.
+    """
+    path = Path(path).expanduser()
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        broken = " (a symlink whose target is missing)" if path.is_symlink() else ""
+        raise error(f"{what} {path} does not exist{broken}", fix) from None
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read ({exc.strerror})", fix) from None
+    _check_regular(path, mode, what, fix, error)
+    # O_NONBLOCK: were a pipe put in the file's place after the stat, opening it must not wait for a writer.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read ({exc.strerror})", fix) from None
+    try:
+        _check_regular(path, os.fstat(fd).st_mode, what, fix, error)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def read_input_file(
+    path: str | os.PathLike,
+    what: str = "file",
+    fix: str = "check the path",
+    error: type = LmflowError,
+    limit: int | None = None,
+    decompress: bool = False,
+) -> bytes:
+    """The bytes of the regular file at ``path`` (see :func:`open_input_file`), at most ``limit`` of them
+    (default ``SMALL_FILE_LIMIT``).
+
+    With ``decompress``, a file whose name ends in ``.gz`` (any case) is gunzipped as it is read; it may
+    decompress to at most ``GZIP_RATIO`` times its size (or ``GZIP_FLOOR`` bytes), which stops gzip bombs.
+    """
+    path = Path(path).expanduser()
+    limit = SMALL_FILE_LIMIT if limit is None else limit
+    with open_input_file(path, what, fix, error) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if not (decompress and path.name.lower().endswith(".gz")):
+            if size > limit:
+                raise error(
+                    f"{what} {path} is {format_bytes(size)}, more than the {format_bytes(limit)} lmflow reads "
+                    "from one file",
+                    _too_large_fix(what),
+                )
+            return _read_at_most(handle, limit, lambda: _too_large(path, what, limit, error))
+        bound = min(limit, max(GZIP_FLOOR, GZIP_RATIO * size))
+        try:
+            with gzip.GzipFile(fileobj=handle, mode="rb") as stream:
+                return _read_at_most(
+                    stream, bound, lambda: _gzip_too_large(path, what, size, bound, limit, error)
+                )
+        except (OSError, EOFError, zlib.error) as exc:
+            raise error(
+                f"{what} {path} is not a valid gzip file ({exc})",
+                "recompress it with gzip, or remove the .gz",
+            ) from None
+
+
+def read_input_text(
+    path: str | os.PathLike,
+    what: str = "file",
+    fix: str = "check the path",
+    error: type = LmflowError,
+    limit: int | None = None,
+    decompress: bool = False,
+) -> str:
+    """:func:`read_input_file` decoded as UTF-8; text that is not UTF-8 is an error naming the byte."""
+    data = read_input_file(path, what, fix, error, limit, decompress)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{what} {Path(path).expanduser()} is not UTF-8 text (byte {exc.start})",
+            "re-encode the file as UTF-8",
+        ) from None
+
+
+def _check_regular(path: Path, mode: int, what: str, fix: str, error: type) -> None:
+    if not stat.S_ISREG(mode):
+        target = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
+        raise error(f"{what} {path} is {file_kind(mode)}{target}, not a regular file", fix)
+
+
+def _read_at_most(stream: BinaryIO, limit: int, too_large: Callable[[], None]) -> bytes:
+    """Read ``stream`` to its end in chunks; call ``too_large()`` (which raises) past ``limit`` bytes."""
+    chunks, total = [], 0
+    while True:
+        chunk = stream.read(min(_CHUNK, limit + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            too_large()
+
+
+def _too_large_fix(what: str) -> str:
+    if "dataset" in what:
+        return "split it into several files in one directory"
+    return "pass the file you meant; this one is far larger than such a file can be"
+
+
+def _too_large(path: Path, what: str, limit: int, error: type) -> None:
+    raise error(
+        f"{what} {path} holds more than the {format_bytes(limit)} lmflow reads from one file",
+        _too_large_fix(what),
+    )
+
+
+def _gzip_too_large(path: Path, what: str, size: int, bound: int, limit: int, error: type) -> None:
+    if bound >= limit:
+        _too_large(path, what, limit, error)
+    raise error(
+        f"{what} {path} decompresses to more than {format_bytes(bound)} ({GZIP_RATIO} times its "
+        f"{format_bytes(size)}, or {format_bytes(GZIP_FLOOR)}), so it is refused as a possible gzip bomb",
+        "if the data is real, decompress it yourself (gunzip) and pass the uncompressed file",
+    )
