@@ -371,31 +371,34 @@ def data_check(
     """
     from .data import load_raw_dataset, tokenize_dataset
     from .defaults import model_source
-    from .demo import demo_settings
+    from .models import block_size_for, load_model_config, stored_run
     from .plugins import select_plugins
+    from .report import Reporter, reporting
     from .templates import get_template
-    from .train import _block_size, _load_model_config, quiet_libraries, stored_run
+    from .train import quiet_libraries
 
     quiet_libraries()
+    # The model `lmflow run --dataset PATH` would train (the bundled demo without --model), and its block size
+    # decided by the same rule.
     config = RunConfig(model=model, tokenizer=tokenizer, block_size=block_size)
     run_plugins = select_plugins(parse_plugin_names(plugins))
-    stored = stored_run(model_source(config))
+    source = model_source(config)
+    stored = stored_run(source)
     template_name = template or stored.get("template") or "chatml"
     chosen = get_template(template_name)
-    raw = load_raw_dataset(path, chosen)
-    if block_size is None and config.is_demo:
-        config.block_size = demo_settings()["block_size"]
-    blocks = _block_size(config, _load_model_config(config), stored.get("block_size"))
-    tok = run_plugins.hook.load_tokenizer(config=config)
 
     def render(template: Any, conversation: Any) -> Any:
         return run_plugins.hook.format_conversation(
             template=template, conversation=conversation, add_generation_prompt=False, tokenizer=tok
         )
 
-    _, stats = tokenize_dataset(
-        raw, tok, blocks, chosen if raw.type == "conversation" else None, render, use_cache=False
-    )
+    with reporting(Reporter(stream=sys.stderr if as_json else sys.stdout)):  # notes never break --json
+        raw = load_raw_dataset(path, chosen)
+        blocks = block_size_for(config, load_model_config(source), stored.get("block_size"))
+        tok = run_plugins.hook.load_tokenizer(config=config)
+        _, stats = tokenize_dataset(
+            raw, tok, blocks, chosen if raw.type == "conversation" else None, render, use_cache=False
+        )
     info = stats.to_dict()
     info.pop("cached")
     info.update(
@@ -421,8 +424,8 @@ def data_check(
         click.echo(f"block size {blocks}: texts are concatenated and cut into {stats.examples:,} blocks")
     else:
         click.echo(
-            f"block size {blocks}: {stats.truncated:,} examples would be truncated, "
-            f"{stats.dropped_untrained:,} would have no trained token left"
+            f"block size {blocks}: {stats.truncated:,} example{'s' if stats.truncated != 1 else ''} would be "
+            f"truncated, {stats.dropped_untrained:,} would have no trained token left"
         )
     click.echo("OK: every record is valid")
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import LmflowError
+from .errors import ConfigError, LmflowError
 
 RUN_RECORD = "lmflow_run.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -79,6 +79,27 @@ def model_context(model_config: Any) -> int | None:
     if context and isinstance(rope, dict) and rope.get("rope_type") == "dynamic" and rope.get("factor"):
         return int(context * rope["factor"])
     return context
+
+
+def block_size_for(config: Any, model_config: Any, stored: int | None = None) -> int:
+    """The block size of a run (``lmflow run`` and ``lmflow data check`` both ask here).
+
+    ``config.block_size`` (--block-size) when given, checked against the model's context; else ``stored``,
+    the block size lmflow trained the model with (from its run record), when the context allows it; else the
+    model's context, at most 1024.
+    """
+    context = model_context(model_config)
+    if config.block_size is None:
+        if stored and (context is None or stored <= context):
+            return int(stored)
+        return min(context or 1024, 1024)
+    if context is not None and config.block_size > context:
+        raise ConfigError(
+            f"--block-size {config.block_size} exceeds the model's context of {context} tokens",
+            f"use --block-size {context} or less, or extend the context with "
+            f"--plugins rope_scaling --target-context {config.block_size}",
+        )
+    return config.block_size
 
 
 def pick_device(device: str = "auto") -> str:

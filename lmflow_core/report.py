@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -48,6 +50,17 @@ def note(text: str) -> None:
     if reporter is None:
         reporter = Reporter(main=int(os.environ.get("RANK", "0")) == 0)
     reporter.note(text)
+
+
+@contextmanager
+def reporting(reporter: Reporter) -> Iterator[Reporter]:
+    """Make ``reporter`` the one :func:`note` prints through inside the block (e.g. one writing to stderr,
+    where stdout is kept for JSON), and restore the previous one after it."""
+    token = _active.set(reporter)
+    try:
+        yield reporter
+    finally:
+        _active.reset(token)
 
 
 class Reporter:
@@ -103,10 +116,14 @@ class Reporter:
         if stats.cached:
             parts.append("from cache")
         self.line(" | ".join(parts))
-        if stats.truncated or stats.dropped_untrained:
+        if stats.truncated:
+            # Every example longer than the block size is in `truncated`, the ones that the cut left without a
+            # trained token (also counted in `dropped_untrained`) included: adding the two counts them twice.
+            many = stats.truncated != 1
             self.note(
-                f"{stats.truncated + stats.dropped_untrained:,} {split} examples are longer than --block-size "
-                f"{stats.block_size}; raise it to keep them whole (`lmflow data check` shows the lengths)"
+                f"{stats.truncated:,} {split} example{'s are' if many else ' is'} longer than --block-size "
+                f"{stats.block_size}; raise it to keep {'them' if many else 'it'} whole "
+                "(`lmflow data check` shows the lengths)"
             )
 
     def model(self, model: Any) -> None:

@@ -287,7 +287,7 @@ def test_data_check_prints_counts_lengths_and_truncation(runner, tmp_path):
     assert result.exit_code == 0, result.output
     assert "(conversation, 1 file)" in result.output
     assert "records: 10" in result.output
-    assert "block size 64: 1 examples would be truncated" in result.output
+    assert "block size 64: 1 example would be truncated" in result.output
     info = json.loads(invoke(runner, "data", "check", path, "--block-size", "64", "--json").output)
     assert info["records"] == 10 and info["truncated"] == 1 and info["template"] == "chatml"
     assert info["length_max"] > 64

@@ -35,7 +35,12 @@ TEXT_FIELDS = ("text", "input", "output", "system", "messages", "tools")
 
 @dataclass
 class DataStats:
-    """What tokenization did to a dataset; printed by ``lmflow data check`` and at the start of a run."""
+    """What tokenization did to a dataset; printed by ``lmflow data check`` and at the start of a run.
+
+    ``truncated`` counts the examples longer than the block size (each once); ``dropped_untrained`` counts the
+    examples removed for having no trained token, most of them truncated ones, so the two overlap and are
+    never added.
+    """
 
     type: str
     records: int
