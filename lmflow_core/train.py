@@ -25,7 +25,7 @@ from . import __version__
 from .config import RunConfig, build_config, core_fields, load_config_file, resolve_plugin_options
 from .errors import ConfigError, LmflowError
 from .evaluation import evaluate_hooks
-from .models import RUN_RECORD, load_model_config, model_context, stored_run
+from .models import RUN_RECORD, block_size_for, load_model_config, stored_run
 from .plugins import RunPlugins, call_each, fold, select_plugins
 from .report import Reporter, format_duration
 from .rundir import (
@@ -328,7 +328,7 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
     model_config = _load_model_config(config)
     hook.configure_model(config=config, model_config=model_config)
     _check_packing(config, model_config)
-    block_size = _block_size(config, model_config, stored.get("block_size"))
+    block_size = block_size_for(config, model_config, stored.get("block_size"))
     return CheckedRun(plan, template_name, template, train_raw, eval_raw, model_config, block_size)
 
 
@@ -365,22 +365,6 @@ def _load_model_config(config: RunConfig) -> Any:
     from .defaults import model_source
 
     return load_model_config(model_source(config), config.trust_remote_code)
-
-
-def _block_size(config: RunConfig, model_config: Any, stored: int | None = None) -> int:
-    """--block-size, else the block size the model was trained with by lmflow, else its context (<= 1024)."""
-    context = model_context(model_config)
-    if config.block_size is None:
-        if stored and (context is None or stored <= context):
-            return int(stored)
-        return min(context or 1024, 1024)
-    if context is not None and config.block_size > context:
-        raise ConfigError(
-            f"--block-size {config.block_size} exceeds the model's context of {context} tokens",
-            f"use --block-size {context} or less, or extend the context with "
-            f"--plugins rope_scaling --target-context {config.block_size}",
-        )
-    return config.block_size
 
 
 def _prepare_data(

@@ -44,6 +44,9 @@ def common_args(tiny_llama, chat_data) -> list:
         "1",
         "--save-total-limit",
         "10",
+        # A constant learning rate: a step too many changes the weights (a decayed one would be ~0 at the end).
+        "--lr-scheduler",
+        "constant",
     ]
 
 
@@ -53,7 +56,8 @@ def straight_run(tiny_llama, tmp_path_factory):
     from conftest import conversations, write_json
 
     tmp = tmp_path_factory.mktemp("straight")
-    data = write_json(tmp / "chat.json", {"type": "conversation", "instances": conversations()})
+    # 28 records at batch 4: 7 steps an epoch, so step 12 is mid-epoch (where an extra step used to slip in).
+    data = write_json(tmp / "chat.json", {"type": "conversation", "instances": conversations(28)})
     straight = lmflow(*common_args(tiny_llama, data), "--output-dir", tmp / "out")
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
     return data, load_file(str(tmp / "out" / "model.safetensors"))
@@ -113,6 +117,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
         "save_steps": 3,
         "batch_size": 4,
         "learning_rate": 3e-3,
+        "lr_scheduler": "constant",
         "logging_steps": 1,
         "save_total_limit": 10,
         "output_dir": str(out),
@@ -204,3 +209,92 @@ def test_resume_from_an_explicit_checkpoint_path(tiny_llama, chat_data, tmp_path
     # Steps 1-2 come from the checkpoint's history; 3-6 were trained now.
     assert result.global_step == 6 and [step for step, _ in result.losses] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "b" / "checkpoint-6").is_dir() and not (tmp_path / "b" / "checkpoint-2").exists()
+
+
+KILLERS = {
+    # Killed with the final model complete in .staging-final, before any file is moved into place.
+    "final-staged": (
+        "import lmflow_core.train as train\n"
+        "real = train.fsync_tree\n"
+        "def fsync_tree(path):\n"
+        "    real(path)\n"
+        "    if str(path).endswith('.staging-final'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "train.fsync_tree = fsync_tree\n"
+    ),
+    # Killed after the first file of the final save was moved into place (the rest still staged).
+    "final-half-moved": (
+        "real = os.replace\n"
+        "def replace(src, dst):\n"
+        "    real(src, dst)\n"
+        "    if os.path.basename(os.path.dirname(str(src))) == '.staging-final':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "os.replace = replace\n"
+    ),
+    # Killed while writing the last checkpoint (checkpoint-12 never becomes a checkpoint).
+    "last-checkpoint": (
+        "class Killer:\n"
+        "    @hookimpl\n"
+        "    def on_checkpoint_save(self, checkpoint_dir):\n"
+        "        if checkpoint_dir.endswith('checkpoint-12'):\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "extra['killer'] = Killer()\n"
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", list(KILLERS))
+def test_a_run_killed_at_its_end_resumes_to_exactly_the_uninterrupted_run(
+    tiny_llama, straight_run, tmp_path, moment
+):
+    """No step beyond --max-steps, no checkpoint-13, the same final weights (constant learning rate)."""
+    data, expected = straight_run
+    common = common_args(tiny_llama, data)
+    out = tmp_path / "out"
+    settings = {
+        "model": str(tiny_llama),
+        "dataset": str(data),
+        "template": "chatml",
+        "max_steps": 12,
+        "save_steps": 3,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "save_total_limit": 10,
+        "output_dir": str(out),
+    }
+    script = tmp_path / "killer.py"
+    script.write_text(
+        "import json, os, signal, sys\n"
+        "from lmflow_core import hookimpl, run\n"
+        "extra = {}\n" + KILLERS[moment] + "run(**json.loads(sys.argv[1]), extra_plugins=extra)\n"
+    )
+    victim = subprocess.run(
+        [sys.executable, str(script), json.dumps(settings)], capture_output=True, text=True
+    )
+    assert victim.returncode == -signal.SIGKILL, victim.stderr
+    record = json.loads((out / "lmflow_run.json").read_text())
+    assert record["status"] == "running"
+    if moment == "last-checkpoint":
+        assert (out / "checkpoint-9").is_dir() and not (out / "checkpoint-12").exists()
+    else:
+        assert (out / "checkpoint-12").is_dir() and (out / ".staging-final").is_dir()
+    if moment == "final-half-moved":
+        # The files of the final save are the run's before they are moved: --overwrite may replace them.
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(record["outputs"])
+    assert not (out / "model.safetensors").exists() or moment == "final-half-moved"
+    if moment == "final-half-moved":
+        staged = {p.name for p in (out / ".staging-final").iterdir()}
+        in_place = {name for name in record["outputs"] if (out / name).exists()} - {"lmflow_run.json"}
+        assert len(in_place - {"run_config.yaml"}) == 1 and staged and not staged & in_place
+
+    resumed = lmflow(*common, "--output-dir", out, "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "step 13" not in output and "done: 12 steps" in output, output
+    assert not (out / "checkpoint-13").exists() and not (out / ".staging-final").exists()
+    record = json.loads((out / "lmflow_run.json").read_text())
+    assert record["status"] == "completed" and record["result"]["global_step"] == 12
+    assert_same_weights(expected, out / "model.safetensors")
