@@ -14,12 +14,13 @@ from .templates import Segment
 
 
 def model_source(config: Any) -> str:
-    """The model id or directory a run loads from (the bundled demo when none is given)."""
+    """The model id or directory a run loads from (the bundled demo's saved initial weights when none is
+    given)."""
     if config.model is not None:
         return config.model
-    from .demo import demo_model_dir
+    from .demo import demo_base_dir
 
-    return str(demo_model_dir())
+    return str(demo_base_dir(config.seed))
 
 
 @hookimpl(trylast=True)
@@ -61,7 +62,7 @@ def load_model(config: Any, model_config: Any, init_kwargs: dict[str, Any]) -> A
     from transformers import AutoModelForCausalLM, set_seed
 
     kwargs = {"dtype": torch_dtype(config.model_dtype), **init_kwargs}
-    if config.random_init or config.is_demo:
+    if config.random_init:
         set_seed(config.seed)
         if kwargs["dtype"] == "auto":
             kwargs["dtype"] = None

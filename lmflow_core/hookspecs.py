@@ -184,7 +184,7 @@ def load_model(
 
     When: after ``configure_model`` and ``model_init_kwargs``. The core default calls
     ``AutoModelForCausalLM.from_pretrained`` (or ``from_config`` with a seeded random initialisation when
-    ``config.random_init`` is set, as the demo does).
+    ``config.random_init`` is set). The bundled demo loads its saved, seeded initial weights like any model.
 
     Args:
         config: the run's :class:`lmflow_core.config.RunConfig`.

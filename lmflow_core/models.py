@@ -42,6 +42,9 @@ def adapter_base(source: str) -> str:
             f"adapter {source} does not name its base model (base_model_name_or_path in {ADAPTER_CONFIG})",
             "fix adapter_config.json",
         )
+    from .demo import rebuild_demo_base
+
+    rebuild_demo_base(base)  # an adapter of the demo whose cached base was cleared
     return base
 
 

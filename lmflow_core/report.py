@@ -94,7 +94,7 @@ class Reporter:
 
         plugins = ", ".join(f"{p['name']} {p['version']}" for p in run_plugins.versions()) or "none"
         source = (
-            "bundled demo (random init)"
+            "bundled demo (seeded initial weights)"
             if config.is_demo
             else model + (" (random init)" if config.random_init else "")
         )

@@ -26,7 +26,7 @@ from .config import RunConfig, build_config, core_fields, load_config_file, reso
 from .errors import ConfigError, LmflowError
 from .evaluation import evaluate_hooks
 from .models import RUN_RECORD, block_size_for, load_model_config, stored_run
-from .plugins import RunPlugins, call_each, fold, select_plugins
+from .plugins import RunPlugins, call_each, fold, parse_plugin_names, select_plugins
 from .report import Reporter, format_duration
 from .rundir import (
     FINAL_STAGING,
@@ -142,7 +142,7 @@ def configure(
     layers.append(settings)
     given = {k: v for layer in layers for k, v in layer.items()}
     if given.get("model") is None and given.get("dataset") is None:
-        layers.insert(0, demo_settings())
+        layers.insert(0, demo_settings(parse_plugin_names(given.get("plugins")), given))
     run_config, problems = build_config(*layers)
     extra = list(extra_plugins.items()) if isinstance(extra_plugins, dict) else list(extra_plugins)
     run_plugins = select_plugins(run_config.plugins, extra)
@@ -344,6 +344,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
+    # peft asks transformers 5 for a renamed attribute when it loads an adapter: not the user's to fix either.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if not _accelerator_available():
         # DeepSpeed (imported by the Trainer when installed) would warn that it found no GPU.

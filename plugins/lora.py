@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmflow_core import PluginOption, hookimpl
+from lmflow_core.defaults import model_source
 from lmflow_core.errors import ConfigError, LmflowError
 from lmflow_core.files import check_output_apart, move_into_place
 from lmflow_core.models import ADAPTER_CONFIG, RUN_RECORD, adapter_base, is_adapter, read_json
@@ -104,11 +105,10 @@ def validate_config(config: Any) -> list[str]:
         problems.append(
             "--lora-target-modules: all-linear already takes every linear layer; pass it alone or list names"
         )
-    if config.random_init or config.is_demo:
-        what = "--random-init builds" if config.random_init else "the bundled demo is"
+    if config.random_init:
         problems.append(
-            f"LoRA needs a base model with saved weights to reload the adapter onto, and {what} a randomly "
-            "initialised model; pass --model with a saved model directory (or train without --plugins lora)"
+            "LoRA needs a base model with saved weights to reload the adapter onto, and --random-init builds a "
+            "randomly initialised model; pass --model with a saved model directory (or drop --random-init)"
         )
     if options.qlora:
         problems.extend(_qlora_problems())
@@ -275,7 +275,7 @@ def prepare_model(config: Any, model: Any, tokenizer: Any) -> Any:
     with _quiet_peft():
         peft_model = get_peft_model(model, lora_config(options))
     # get_peft_model names the base as the model reports it; name what the user gave, resolved.
-    peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_reference(config.model)
+    peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_reference(model_source(config))
     return peft_model
 
 

@@ -153,6 +153,14 @@ def copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
+def stopped_run(finished: Path, checkpoint: str, where: Path) -> Path:
+    """What a run stopped right after ``checkpoint`` leaves in ``where``: that checkpoint and its run record."""
+    shutil.copytree(finished / checkpoint, where / checkpoint)
+    record = json.loads((finished / "lmflow_run.json").read_text())
+    (where / "lmflow_run.json").write_text(json.dumps({**record, "status": "running", "outputs": []}))
+    return where
+
+
 def assert_one_line_error(result, *fragments: str) -> str:
     """A failed CLI call that printed exactly one ``Error: ...`` line containing ``fragments``."""
     assert result.exit_code != 0, result.output

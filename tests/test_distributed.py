@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import _save_tiny, conversations, invoke, write_json
+from conftest import _save_tiny, conversations, invoke, stopped_run, write_json
 from safetensors.torch import load_file
 
 from lmflow_core.launch import Launch, strip_launch_args, torchrun_command
@@ -191,8 +190,7 @@ def test_zero3_with_offload_matches_one_process_and_resumes(setup, single, tmp_p
 
     # Resume from the step-3 checkpoint in a fresh directory: the same final weights.
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
+    stopped_run(out, "checkpoint-3", resumed)
     done = lmflow(*run_args(model, data, resumed, 4, *flags, "--save-steps", 3, "--resume"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "step 4/6 |" in done.stdout and "step 3/6 |" not in done.stdout

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import _save_tiny, conversations, invoke, write_json
+from conftest import _save_tiny, conversations, invoke, stopped_run, write_json
 from lmflow_plugins.lisa import active_layers, find_layers, innermost_optimizer
 from safetensors.torch import load_file
 
@@ -221,8 +220,7 @@ def test_resume_restores_the_active_layers_and_ends_bit_identical(six_layers, da
     assert saved["layers_path"] == "model.layers" and len(saved["active_layers"]) == 2
 
     resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copytree(checkpoint, resumed_dir / "checkpoint-4")
+    stopped_run(tmp_path / "straight", "checkpoint-4", resumed_dir)
     spy = OptimizerSpy()
     lisa_run(six_layers, data, resumed_dir, {"spy": spy}, resume="latest", **settings)
     # Step 5 is in the same period as the checkpoint (steps 3-5): the checkpoint's layers are active again.

@@ -375,7 +375,7 @@ def test_the_embedded_demo_runs_offline_in_under_two_minutes_with_a_falling_loss
     )
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr
-    assert "model: bundled demo (random init)" in done.stdout
+    assert "model: bundled demo (seeded initial weights)" in done.stdout
     losses = [
         float(line.split("loss ")[1].split(" ")[0])
         for line in done.stdout.splitlines()
