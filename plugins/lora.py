@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from lmflow_core import PluginOption, hookimpl
 from lmflow_core.defaults import model_source
 from lmflow_core.errors import ConfigError, LmflowError
-from lmflow_core.files import check_output_apart, move_into_place
+from lmflow_core.files import check_output_apart, check_replaceable, move_into_place, write_output_record
 from lmflow_core.models import ADAPTER_CONFIG, RUN_RECORD, adapter_base, is_adapter, read_json
 
 if TYPE_CHECKING:
@@ -369,11 +369,7 @@ def merge_lora(
     if output_dir.exists() and not output_dir.is_dir():
         raise LmflowError(f"--output {output_dir} is a file", "choose a directory")
     check_output_apart(output_dir, [adapter_dir, base])
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise LmflowError(
-            f"--output {output_dir} already exists and is not empty",
-            "choose another --output, or pass --overwrite to replace it",
-        )
+    check_replaceable(output_dir, overwrite)
     from lmflow_core.models import load_model_config
 
     load_model_config(base, trust_remote_code, option="--base")  # a missing base fails before anything loads
@@ -389,6 +385,7 @@ def merge_lora(
         if record:
             record["merged_from"] = {"base": base_reference(base), "adapter": str(adapter_dir.resolve())}
             (staging / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_output_record(staging, "merge-lora")
         move_into_place(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmflow_core import PluginOption, hookimpl
 from lmflow_core.errors import ConfigError, LmflowError
-from lmflow_core.files import check_output_apart, move_into_place
+from lmflow_core.files import check_output_apart, check_replaceable, move_into_place, write_output_record
 
 if TYPE_CHECKING:
     import click
@@ -508,7 +508,7 @@ def extend_vocabulary(
     absent. A non-empty existing ``output`` is replaced only with ``overwrite``.
     """
     output_dir = Path(output)
-    _check_output(output_dir, overwrite)
+    check_replaceable(output_dir, overwrite)
     check_output_apart(output_dir, [*corpus, base])
     if vocab_size < 1:
         raise ConfigError(f"--vocab-size {vocab_size} must be positive", "pass the number of pieces to train")
@@ -555,6 +555,7 @@ def extend_vocabulary(
             added_examples=[_piece_text(tokenizer, found.kind, t) for t in added[:20]],
         )
         (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        write_output_record(staging, "vocab extend")
         move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -567,16 +568,6 @@ def _piece_text(tokenizer: Any, kind: str, token: str) -> str:
     if kind == SENTENCEPIECE:
         return token.replace("\u2581", " ")
     return tokenizer.convert_tokens_to_string([token])
-
-
-def _check_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"--output {output_dir} is a file", "choose a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ConfigError(
-            f"--output {output_dir} is not empty",
-            "pass --overwrite to replace it, or choose another directory",
-        )
 
 
 def _extend_sentencepiece_base(

@@ -414,9 +414,21 @@ def test_merge_lora_refuses_an_occupied_output_unless_overwrite(runner, merge_cl
     assert_one_line_error(refused, f"--output {target} already exists", "--overwrite")
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
 
+    # --overwrite replaces only what lmflow wrote: a user's file stops it.
+    refused = invoke(runner, "merge-lora", "--adapter", out, "--output", target, "--overwrite")
+    assert_one_line_error(refused, "was not written by lmflow", "nothing was deleted")
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    (target / "notes.txt").unlink()
+    assert invoke(runner, "merge-lora", "--adapter", out, "--output", target).exit_code == 0
+    first = (target / "model.safetensors").read_bytes()
+    (target / "notes.txt").write_text("keep me")  # dropped into lmflow's output afterwards
+    refused = invoke(runner, "merge-lora", "--adapter", out, "--output", target, "--overwrite")
+    assert_one_line_error(refused, "holds files lmflow did not write (notes.txt)")
+    assert (target / "notes.txt").read_text() == "keep me"
+    (target / "notes.txt").unlink()
     replaced = invoke(runner, "merge-lora", "--adapter", out, "--output", target, "--overwrite")
     assert replaced.exit_code == 0, replaced.stderr
-    assert (target / "model.safetensors").is_file() and not (target / "notes.txt").exists()
+    assert (target / "model.safetensors").read_bytes() == first and (target / "lmflow_output.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 

@@ -128,6 +128,7 @@ def test_llama2_extension_appends_pieces_and_keeps_everything_else(
 
     out, report = llama2_extended
     assert sorted(p.name for p in out.iterdir()) == [
+        "lmflow_output.json",
         "tokenizer.json",
         "tokenizer.model",
         "tokenizer_config.json",
@@ -291,7 +292,11 @@ def test_vocab_extend_prints_the_report_and_refuses_to_overwrite_without_the_fla
     assert f"{report['tokens_per_character_after']:.4f} after" in result.output
 
     again = invoke(runner, *args[:-2], "--output", out, "--vocab-size", 1000)
-    assert_one_line_error(again, f"--output {out} is not empty", "--overwrite")
+    assert_one_line_error(again, f"--output {out} already exists and is not empty", "--overwrite")
+    (out / "mine.txt").write_text("a user's file")
+    refused = invoke(runner, *args, "--vocab-size", 1000, "--overwrite")
+    assert_one_line_error(refused, "holds files lmflow did not write (mine.txt)", "nothing was deleted")
+    (out / "mine.txt").unlink()
     assert json.loads((out / "vocab_extension.json").read_text()) == report
     replaced = invoke(runner, *args, "--vocab-size", 1000, "--overwrite")
     assert replaced.exit_code == 0, replaced.stderr
