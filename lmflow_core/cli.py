@@ -446,8 +446,10 @@ def templates_list() -> None:
     """List the available templates."""
     from .templates import available_templates
 
-    for name, template in available_templates().items():
-        click.echo(f"{name:<16} {template.description}")
+    templates = available_templates()
+    width = max(map(len, templates), default=0)
+    for name, template in templates.items():
+        click.echo(f"{name:<{width}}  {template.description}")
 
 
 EXAMPLE = [
