@@ -11,6 +11,7 @@ runs at a time: requests queue for the model.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import socket
 import threading
@@ -20,6 +21,9 @@ from typing import Any, Literal
 
 from .errors import LmflowError
 from .generate import GenerationOptions, run_in_thread
+from .http_guard import Guard
+
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 
 try:  # pydantic models are built at import time; this module is imported by `lmflow serve` only
     from pydantic import BaseModel, ConfigDict, Field
@@ -62,6 +66,15 @@ class ChatRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
 
 
+def offline_gradio() -> Any:
+    """Gradio, imported with its analytics and version check off: serving sends nothing off the machine."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    import gradio
+
+    return gradio
+
+
 def check_port(host: str, port: int) -> None:
     """Fail before loading the model when the port is taken."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -90,7 +103,13 @@ def request_options(request: ChatRequest, default_max: int) -> GenerationOptions
     )
 
 
-def create_app(session: Any, api_key: str | None = None, max_new_tokens: int = 512, ui: bool = True) -> Any:
+def create_app(
+    session: Any,
+    api_key: str | None = None,
+    max_new_tokens: int = 512,
+    ui: bool = True,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> Any:
     """The FastAPI application serving ``session`` (a :class:`lmflow_core.inference.InferenceSession`)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -130,18 +149,6 @@ def create_app(session: Any, api_key: str | None = None, max_new_tokens: int = 5
             str(exc.detail),
             "not_found_error" if exc.status_code == 404 else "invalid_request_error",
         )
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next: Any) -> Any:
-        if (
-            api_key
-            and request.url.path.startswith("/v1")
-            and request.headers.get("authorization") != f"Bearer {api_key}"
-        ):
-            return error(
-                401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "authentication_error"
-            )
-        return await call_next(request)
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -195,10 +202,24 @@ def create_app(session: Any, api_key: str | None = None, max_new_tokens: int = 5
             },
         }
 
+    api_routes = [route for route in app.routes if getattr(route, "path", "").startswith("/v1")]
     if ui:
-        import gradio as gr
-
-        app = gr.mount_gradio_app(app, chat_page(session, lock, max_new_tokens), path="/")
+        gr = offline_gradio()
+        app = gr.mount_gradio_app(
+            app,
+            chat_page(session, lock, max_new_tokens),
+            path="/",
+            run_history=False,
+            max_file_size=1,  # nothing on the page uploads; the upload routes are refused anyway
+            show_error=True,
+        )
+    app.add_middleware(
+        Guard,
+        api_key=api_key,
+        max_request_bytes=max_request_bytes,
+        title=session.name,
+        api_routes=("/v1", api_routes),
+    )
     return app
 
 
@@ -253,7 +274,7 @@ def _history_text(content: Any) -> str:
 
 def chat_page(session: Any, lock: threading.Lock, max_new_tokens: int) -> Any:
     """The Gradio chat page: multi-turn, streaming, with a system prompt and sampling controls."""
-    import gradio as gr
+    gr = offline_gradio()
 
     from .templates import Conversation
 
@@ -289,7 +310,7 @@ def chat_page(session: Any, lock: threading.Lock, max_new_tokens: int) -> Any:
             raise gr.Error(str(box["error"]))
         yield box["result"].text
 
-    with gr.Blocks(title=f"lmflow: {session.name}") as page:
+    with gr.Blocks(title=f"lmflow: {session.name}", analytics_enabled=False) as page:
         gr.Markdown(
             f"## lmflow chat: {session.name}\nTemplate `{session.template_name}`. The API is at `/v1`."
         )
@@ -300,6 +321,7 @@ def chat_page(session: Any, lock: threading.Lock, max_new_tokens: int) -> Any:
         )
         gr.ChatInterface(
             respond,
+            analytics_enabled=False,
             additional_inputs=[system, temperature, max_tokens],
             additional_inputs_accordion="Settings",
             textbox=gr.Textbox(
