@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from lmflow_core import PluginOption, hookimpl
+from lmflow_core.errors import LmflowError
+from lmflow_core.inputs import read_input_text
 from lmflow_core.launch import free_port
 
 INSTALL_HINT = "install it with: pip install 'lmflow[deepspeed]' (or pip install deepspeed)"
@@ -149,11 +151,15 @@ def optimizer_arguments(ds_config: dict[str, Any]) -> dict[str, float]:
 def read_user_config(path: str, plugin: str) -> dict[str, Any]:
     file = Path(path)
     flag = f"--{plugin}-config"
-    if not file.is_file():
+    if not file.exists():
         raise ValueError(f"{flag} {path} does not exist; pass the path of a DeepSpeed JSON file")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = read_input_text(file, flag, "pass the path of a DeepSpeed JSON file")
+    except LmflowError as exc:  # not a regular file, too large, not UTF-8
+        raise ValueError(str(exc)) from None
+    try:
+        data = json.loads(text)
+    except (RecursionError, json.JSONDecodeError) as exc:
         raise ValueError(f"{flag} {path} is not valid JSON ({exc}); fix the file") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{flag} {path} must hold a JSON object (a DeepSpeed config)")

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from lmflow_core import PluginOption, hookimpl
 from lmflow_core.errors import ConfigError, LmflowError
 from lmflow_core.files import check_output_apart, check_replaceable, move_into_place, write_output_record
+from lmflow_core.inputs import read_input_text
 
 if TYPE_CHECKING:
     import click
@@ -103,20 +104,13 @@ def read_corpus(paths: Sequence[str | os.PathLike]) -> Corpus:
             if not found:
                 raise LmflowError(f"--corpus {path} is a directory without files", "pass text files")
             files.extend(found)
-        elif path.is_file():
-            files.append(path)
+        elif path.exists() or path.is_symlink():
+            files.append(path)  # read below, where anything but a regular file is refused by name
         else:
             raise LmflowError(f"--corpus {path} does not exist", "pass text files or directories of them")
     lines: list[str] = []
     for path in files:
-        data = path.read_bytes()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise LmflowError(
-                f"corpus file {path} is not UTF-8 text (byte {exc.start} cannot be decoded)",
-                "pass plain text files, converted to UTF-8",
-            ) from None
+        text = read_input_text(path, "corpus file", "pass plain text files, converted to UTF-8")
         if "\x00" in text:
             raise LmflowError(
                 f"corpus file {path} is binary, not text (it holds NUL bytes)", "pass text files"

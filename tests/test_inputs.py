@@ -259,3 +259,15 @@ def test_an_example_longer_than_the_block_is_counted_once(runner, tmp_path):
     )
     result = invoke(runner, "data", "check", path, "--block-size", "40")
     assert "block size 40: 1 example would be truncated, 1 would have no trained token left" in result.output
+
+
+def test_plugin_inputs_that_are_not_regular_files_are_refused(tmp_path):
+    from lmflow_plugins.deepspeed_config import read_user_config
+    from lmflow_plugins.vocab_extension import read_corpus
+
+    path = fifo(tmp_path / "pipe.json")
+    with must_return_within(5):
+        with pytest.raises(ValueError, match=r"--zero3-config .*pipe.json is a named pipe \(FIFO\)"):
+            read_user_config(str(path), "zero3")
+        with pytest.raises(LmflowError, match=r"corpus file .*pipe.json is a named pipe \(FIFO\)"):
+            read_corpus([path])
