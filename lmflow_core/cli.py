@@ -373,9 +373,8 @@ def data_check(
     from .defaults import model_source
     from .models import block_size_for, load_model_config, stored_run
     from .plugins import select_plugins
-    from .report import Reporter, reporting
+    from .report import Reporter, quiet_libraries, reporting
     from .templates import get_template
-    from .train import quiet_libraries
 
     quiet_libraries()
     # The model `lmflow run --dataset PATH` would train (the bundled demo without --model), and its block size

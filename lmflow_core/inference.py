@@ -121,7 +121,7 @@ def open_session(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .defaults import ensure_pad_token
-    from .train import quiet_libraries
+    from .report import quiet_libraries
 
     quiet_libraries()
     extra = list(extra_plugins.items()) if isinstance(extra_plugins, dict) else list(extra_plugins)

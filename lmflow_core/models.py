@@ -105,6 +105,16 @@ def block_size_for(config: Any, model_config: Any, stored: int | None = None) ->
     return config.block_size
 
 
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU (or another accelerator) to compute on."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
 def pick_device(device: str = "auto") -> str:
     """``"auto"`` -> ``"cuda"`` when a GPU is available, else ``"cpu"``."""
     import torch

@@ -6,15 +6,17 @@ terminal, a pipe or a CI log; in a terminal a progress bar runs below it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import TrainerCallback
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 
 def format_duration(seconds: float) -> str:
@@ -137,6 +139,8 @@ class Reporter:
         )
 
     def progress_callback(self) -> TrainerCallback:
+        from .progress import ProgressReporter  # a Trainer callback: transformers loads only for a run
+
         return ProgressReporter(self)
 
     def summary(self, result: Any) -> None:
@@ -163,62 +167,27 @@ class Reporter:
         self.line(f"saved: {result.output_dir} ({how})")
 
 
-class ProgressReporter(TrainerCallback):
-    """The loss log (one line per logging step) and, in a terminal, a progress bar."""
+def quiet_libraries() -> None:
+    """Silence what transformers, datasets, torch and DeepSpeed print that is not the user's to act on (info
+    logs, their own progress bars, deprecation notices): a command that loads a model calls this first."""
+    import datasets
+    import transformers
 
-    def __init__(self, reporter: Reporter):
-        self.reporter = reporter
-        self.start = 0.0
-        self.last_time = 0.0
-        self.last_tokens = 0
+    from .models import accelerator_available
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        r = self.reporter
-        self.start = self.last_time = time.monotonic()
-        self.last_tokens = state.num_input_tokens_seen
-        world = args.world_size
-        r.line(
-            f"training: {state.max_steps} steps | batch {args.per_device_train_batch_size} x "
-            f"{args.gradient_accumulation_steps} accumulation x {world} process{'es' if world > 1 else ''} | "
-            f"lr {args.learning_rate:g} {args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, 'value') else args.lr_scheduler_type}"
-            + (f" | resuming at step {state.global_step}" if state.global_step else "")
-        )
-        if r.main and r.stream.isatty():
-            from tqdm.auto import tqdm
-
-            r._bar = tqdm(
-                total=state.max_steps, initial=state.global_step, unit="step", dynamic_ncols=True, leave=False
-            )
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.reporter._bar is not None:
-            self.reporter._bar.update(state.global_step - self.reporter._bar.n)
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if not logs:
-            return
-        now = time.monotonic()
-        width = len(str(state.max_steps))
-        if "loss" in logs:
-            tokens = state.num_input_tokens_seen - self.last_tokens
-            rate = tokens / (now - self.last_time) if now > self.last_time else 0.0
-            self.last_time, self.last_tokens = now, state.num_input_tokens_seen
-            parts = [f"step {state.global_step:>{width}}/{state.max_steps}", f"loss {logs['loss']:.4f}"]
-            if "learning_rate" in logs:
-                parts.append(f"lr {logs['learning_rate']:.2e}")
-            if "grad_norm" in logs:
-                parts.append(f"grad {logs['grad_norm']:.3g}")
-            if rate:
-                parts.append(f"{rate:,.0f} tok/s")
-            self.reporter.line(" | ".join(parts))
-            if self.reporter._bar is not None:
-                self.reporter._bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        elif "eval_loss" in logs:
-            self.reporter.line(
-                f"step {state.global_step:>{width}}/{state.max_steps} | eval loss {logs['eval_loss']:.4f}"
-            )
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.reporter._bar is not None:
-            self.reporter._bar.close()
-            self.reporter._bar = None
+    transformers.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    # Deprecation notices torch's collectives print at every step under DeepSpeed/FSDP: not the user's to fix.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
+    # peft asks transformers 5 for a renamed attribute when it loads an adapter: not the user's to fix either.
+    warnings.filterwarnings(
+        "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not accelerator_available():
+        # DeepSpeed (imported by the Trainer when installed) would warn that it found no GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -7,12 +7,10 @@ before the model is loaded.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +23,9 @@ from . import __version__
 from .config import RunConfig, build_config, core_fields, load_config_file, resolve_plugin_options
 from .errors import ConfigError, LmflowError
 from .evaluation import evaluate_hooks
-from .models import RUN_RECORD, block_size_for, load_model_config, stored_run
+from .models import RUN_RECORD, accelerator_available, block_size_for, load_model_config, stored_run
 from .plugins import RunPlugins, call_each, fold, parse_plugin_names, select_plugins
-from .report import Reporter, format_duration
+from .report import Reporter, format_duration, quiet_libraries
 from .rundir import (
     FINAL_STAGING,
     RUN_CONFIG,
@@ -332,26 +330,6 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
     return CheckedRun(plan, template_name, template, train_raw, eval_raw, model_config, block_size)
 
 
-def quiet_libraries() -> None:
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_warning()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    # Deprecation notices torch's collectives print at every step under DeepSpeed/FSDP: not the user's to fix.
-    warnings.filterwarnings(
-        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
-    )
-    # peft asks transformers 5 for a renamed attribute when it loads an adapter: not the user's to fix either.
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if not _accelerator_available():
-        # DeepSpeed (imported by the Trainer when installed) would warn that it found no GPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def _wait_for_everyone() -> None:
     import torch.distributed as dist
 
@@ -494,15 +472,6 @@ def _check_vocabulary(model: Any, data_stats: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _accelerator_available() -> bool:
-    import torch
-
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return bool(accelerator.is_available())
-    return torch.cuda.is_available()
-
-
 def _training_arguments(config: RunConfig, run_plugins: RunPlugins, has_eval: bool) -> TrainingArguments:
     """Build ``TrainingArguments`` before any model loads, so that bad settings fail early.
 
@@ -547,10 +516,10 @@ def _training_kwargs(config: RunConfig, has_eval: bool) -> dict[str, Any]:
         # transformers renamed gradient_checkpointing to activation_checkpointing in 5.x; use what it knows.
         checkpointing: config.gradient_checkpointing,
         f"{checkpointing}_kwargs": {"use_reentrant": False} if config.gradient_checkpointing else None,
-        "dataloader_pin_memory": _accelerator_available(),
+        "dataloader_pin_memory": accelerator_available(),
         # Without an accelerator transformers must be told to use the CPU: for bf16 autocast there, and so
         # that several processes (torchrun) train with DDP over gloo instead of each training alone.
-        "use_cpu": not _accelerator_available(),
+        "use_cpu": not accelerator_available(),
         "logging_steps": config.logging_steps,
         "logging_first_step": True,
         "save_strategy": "steps" if config.save_steps else "no",
