@@ -3,9 +3,16 @@
 The core defines the hooks (:mod:`lmflow_core.hookspecs`), finds plugins through entry points
 (:mod:`lmflow_core.plugins`) and runs them (:func:`lmflow_core.train.run`). Import heavy libraries lazily: this
 package is imported at every CLI start.
+
+**The plugin API.** Everything a plugin needs is importable from ``lmflow_core`` itself, and only the names in
+``__all__`` are stable: the submodules are free to change. Most names load their module on first use (PEP 562
+``__getattr__``), so ``import lmflow_core`` stays cheap and never imports torch or transformers.
 """
 
 from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, DataError, LmflowError, PluginError
 from .options import PluginOption
@@ -13,16 +20,143 @@ from .plugins import hookimpl
 
 __version__ = "0.1.0"
 
+# Public name -> (module, name there). A public name may differ from the module's own (``model_context``
+# reads as a context object; the default tokenizer loader shares its name with the hook it implements).
+_LAZY: dict[str, tuple[str, str]] = {
+    # configuration and run/step types
+    "RunConfig": ("config", "RunConfig"),
+    "StepContext": ("hookspecs", "StepContext"),
+    # templates
+    "TemplateError": ("templates", "TemplateError"),
+    "Template": ("templates", "Template"),
+    "TurnTemplate": ("templates", "TurnTemplate"),
+    "Conversation": ("templates", "Conversation"),
+    "Message": ("templates", "Message"),
+    "ToolCall": ("templates", "ToolCall"),
+    "Segment": ("templates", "Segment"),
+    "render_text": ("templates", "render_text"),
+    "tojson": ("templates", "tojson"),
+    # generation
+    "GenerationOptions": ("generate", "GenerationOptions"),
+    # reading inputs, writing outputs
+    "read_input_text": ("inputs", "read_input_text"),
+    "check_output_apart": ("files", "check_output_apart"),
+    "check_replaceable": ("files", "check_replaceable"),
+    "write_output_record": ("files", "write_output_record"),
+    "move_into_place": ("files", "move_into_place"),
+    # models and model directories
+    "model_source": ("defaults", "model_source"),
+    "load_default_tokenizer": ("defaults", "load_tokenizer"),
+    "load_model_config": ("models", "load_model_config"),
+    "model_context_length": ("models", "model_context"),
+    "is_adapter": ("models", "is_adapter"),
+    "adapter_base": ("models", "adapter_base"),
+    "stored_run": ("models", "stored_run"),
+    "read_json": ("models", "read_json"),
+    "RUN_RECORD": ("models", "RUN_RECORD"),
+    "ADAPTER_CONFIG": ("models", "ADAPTER_CONFIG"),
+    # reporting and the environment of a command
+    "note": ("report", "note"),
+    "quiet_libraries": ("report", "quiet_libraries"),
+    "free_port": ("launch", "free_port"),
+}
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .defaults import load_tokenizer as load_default_tokenizer
+    from .defaults import model_source
+    from .files import check_output_apart, check_replaceable, move_into_place, write_output_record
+    from .generate import GenerationOptions
+    from .hookspecs import StepContext
+    from .inputs import read_input_text
+    from .launch import free_port
+    from .models import (
+        ADAPTER_CONFIG,
+        RUN_RECORD,
+        adapter_base,
+        is_adapter,
+        load_model_config,
+        read_json,
+        stored_run,
+    )
+    from .models import model_context as model_context_length
+    from .report import note, quiet_libraries
+    from .templates import (
+        Conversation,
+        Message,
+        Segment,
+        Template,
+        TemplateError,
+        ToolCall,
+        TurnTemplate,
+        render_text,
+        tojson,
+    )
+
 __all__ = [
+    # hooks
+    "hookimpl",
+    # configuration and options
+    "RunConfig",
+    "PluginOption",
+    # errors
+    "LmflowError",
     "ConfigError",
     "DataError",
-    "LmflowError",
     "PluginError",
-    "PluginOption",
-    "__version__",
-    "hookimpl",
+    "TemplateError",
+    # running
     "run",
+    "StepContext",
+    # templates
+    "Template",
+    "TurnTemplate",
+    "Conversation",
+    "Message",
+    "ToolCall",
+    "Segment",
+    "render_text",
+    "tojson",
+    # generation
+    "GenerationOptions",
+    # reading inputs, writing outputs
+    "read_input_text",
+    "check_output_apart",
+    "check_replaceable",
+    "write_output_record",
+    "move_into_place",
+    # models and model directories
+    "model_source",
+    "load_default_tokenizer",
+    "load_model_config",
+    "model_context_length",
+    "is_adapter",
+    "adapter_base",
+    "stored_run",
+    "read_json",
+    "RUN_RECORD",
+    "ADAPTER_CONFIG",
+    # reporting and the environment of a command
+    "note",
+    "quiet_libraries",
+    "free_port",
+    "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name's module on first use (PEP 562)."""
+    try:
+        module, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(import_module(f".{module}", __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def run(config=None, **settings):

@@ -21,6 +21,7 @@ Set ``LMFLOW_TRACE_HOOKS=1`` to print every hook call and which plugins answered
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -35,10 +36,32 @@ if TYPE_CHECKING:
     from .generate import GenerationOptions
     from .options import PluginOption
     from .templates import Conversation, Segment, Template
-    from .train import StepContext
 
 PROJECT = "lmflow"
 hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@dataclass
+class StepContext:
+    """What the ``on_step`` hook receives after each optimizer step.
+
+    ``loss`` is this process's training loss of the step just taken (averaged over its gradient-accumulation
+    micro-batches); it is read from the device only when a plugin asks for it.
+    """
+
+    global_step: int
+    max_steps: int
+    epoch: float
+    model: Any
+    optimizer: Any
+    lr_scheduler: Any
+    output_dir: str
+    is_main_process: bool
+    loss_tensor: Any = None
+
+    @property
+    def loss(self) -> float | None:
+        return None if self.loss_tensor is None else float(self.loss_tensor)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -53,7 +76,7 @@ def register_templates() -> list[Template]:
     When: whenever a template is looked up by name or listed (``--template``, ``lmflow templates``), on every
     installed plugin, selected or not.
 
-    Returns: a list of :class:`lmflow_core.templates.Template` objects.
+    Returns: a list of :class:`lmflow_core.Template` objects.
 
     Combine: all; the lists are concatenated. Two templates with the same name are an error naming both
     plugins.
@@ -88,7 +111,7 @@ def declare_options() -> list[PluginOption]:
     a key in the plugin's section of the YAML config; values are validated (type, choices, range) before any
     model loads and reach the plugin as ``config.options_for("<plugin>")``.
 
-    Returns: a list of :class:`lmflow_core.options.PluginOption`.
+    Returns: a list of :class:`lmflow_core.PluginOption`.
 
     Combine: per plugin; each plugin's list is kept under its own name.
     """
@@ -136,7 +159,7 @@ def load_tokenizer(config: RunConfig) -> PreTrainedTokenizerBase | None:
     model's) with ``AutoTokenizer`` and gives it a pad token if it has none.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
 
     Returns: a tokenizer, or ``None`` to let the next plugin (finally the core) load it.
 
@@ -167,7 +190,7 @@ def model_init_kwargs(config: RunConfig) -> dict[str, Any] | None:
     ``device_map`` and the like.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
 
     Returns: a dict of keyword arguments, or ``None``.
 
@@ -187,7 +210,7 @@ def load_model(
     ``config.random_init`` is set). The bundled demo loads its saved, seeded initial weights like any model.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
         model_config: the transformers ``PretrainedConfig`` the model is built from.
         init_kwargs: keyword arguments merged from ``model_init_kwargs`` (``dtype`` is set by the core).
 
@@ -206,7 +229,7 @@ def prepare_model(
     When: after ``load_model``, before the trainer is built.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
         model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
         tokenizer: the run's tokenizer.
 
@@ -237,7 +260,7 @@ def normalize_record(record: Any, declared_type: str | None, where: str) -> tupl
     ``conversation`` and the record holding that type's fields (``{"text"}``, ``{"input", "output"}``,
     ``{"system", "messages"}``); any other keys are kept as dataset columns next to ``input_ids`` and
     ``labels`` (for a plugin's collator). ``None`` lets the core handle the record. Raise
-    :class:`lmflow_core.errors.DataError` naming ``where`` for a malformed record.
+    :class:`lmflow_core.DataError` naming ``where`` for a malformed record.
 
     Combine: first result.
     """
@@ -257,12 +280,12 @@ def format_conversation(
     cannot drift apart. The core default calls ``template.render(...)``.
 
     Args:
-        template: the selected :class:`lmflow_core.templates.Template`.
+        template: the selected :class:`lmflow_core.Template`.
         conversation: the system prompt and messages.
         add_generation_prompt: append the header that starts the assistant's next turn.
         tokenizer: the run's tokenizer, for templates that use its special tokens (may be ``None``).
 
-    Returns: a list of :class:`lmflow_core.templates.Segment`, or ``None`` to defer.
+    Returns: a list of :class:`lmflow_core.Segment`, or ``None`` to defer.
 
     Combine: first result.
     """
@@ -278,7 +301,7 @@ def prepare_dataset(
     filtering by length, or adding columns a custom collator needs.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
         dataset: a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``, ``attention_mask``).
         tokenizer: the run's tokenizer.
         split: ``"train"`` or ``"eval"``.
@@ -299,7 +322,7 @@ def data_collator(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Any:
     attention mask. A plugin replacing it under ``--packing`` must do the same.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
         tokenizer: the run's tokenizer.
 
     Returns: a callable, or ``None`` to defer.
@@ -322,7 +345,7 @@ def adjust_training_args(config: RunConfig, training_args: dict[str, Any]) -> No
     or FSDP configs, optimizer choice, and similar.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
         training_args: the keyword arguments; modify in place.
 
     Combine: all; plugins see each other's changes in call order. Return values are ignored.
@@ -336,7 +359,7 @@ def trainer_callbacks(config: RunConfig) -> list[TrainerCallback] | None:
     When: when the trainer is built.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
 
     Returns: a list of callbacks, or ``None``.
 
@@ -354,7 +377,7 @@ def wrap_optimizer(
     optimizer state is loaded on resume).
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
         model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
         optimizer: the optimizer the trainer created (or the previous plugin's replacement).
 
@@ -371,8 +394,8 @@ def on_step(config: RunConfig, step: StepContext) -> None:
     When: at the end of each optimizer step (after gradient accumulation), on every process.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
-        step: a :class:`lmflow_core.train.StepContext` with ``global_step``, ``max_steps``, ``epoch``,
+        config: the run's :class:`lmflow_core.RunConfig`.
+        step: a :class:`lmflow_core.StepContext` with ``global_step``, ``max_steps``, ``epoch``,
             ``loss`` (this process's loss of the step), ``model``, ``optimizer``, ``lr_scheduler``,
             ``output_dir`` and ``is_main_process``.
 
@@ -389,7 +412,7 @@ def on_checkpoint_save(config: RunConfig, checkpoint_dir: str, is_main_process: 
     files written there become part of the checkpoint atomically, so a killed run never sees half of them.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
         checkpoint_dir: where to write; write from the main process unless the state differs per process.
         is_main_process: whether this process writes the shared files.
 
@@ -405,7 +428,7 @@ def on_checkpoint_load(config: RunConfig, checkpoint_dir: str) -> None:
     prepared and the trainer built, before training (and the optimizer) starts.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
         checkpoint_dir: the checkpoint being resumed, as written by ``on_checkpoint_save``.
 
     Combine: all; return values are ignored.
@@ -422,7 +445,7 @@ def on_train_end(
     write extra files next to the model.
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
         model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
         tokenizer: the run's tokenizer.
         output_dir: the output directory, holding the saved model and tokenizer.
@@ -449,7 +472,7 @@ def prepare_inference(config: RunConfig, model: PreTrainedModel, tokenizer: PreT
         model: the loaded model.
         tokenizer: its tokenizer.
 
-    Returns: nothing; raise :class:`lmflow_core.errors.LmflowError` for a problem the user must fix.
+    Returns: nothing; raise :class:`lmflow_core.LmflowError` for a problem the user must fix.
 
     Combine: all; return values are ignored.
     """
@@ -474,7 +497,7 @@ def decode(
         model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
         tokenizer: the run's tokenizer.
         input_ids: the prompt, shape ``(1, prompt_length)``.
-        options: a :class:`lmflow_core.generate.GenerationOptions`; a decoder may put figures worth reporting
+        options: a :class:`lmflow_core.GenerationOptions`; a decoder may put figures worth reporting
             in ``options.stats``.
         streamer: a transformers streamer receiving tokens as they are produced, or ``None``.
 
@@ -494,7 +517,7 @@ def evaluate(
     log-likelihood of the trained tokens (``nll_per_sample``, ``nll_per_token``, ``perplexity``).
 
     Args:
-        config: the run's :class:`lmflow_core.config.RunConfig`.
+        config: the run's :class:`lmflow_core.RunConfig`.
         model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
         tokenizer: the run's tokenizer.
         dataset: a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``, ``attention_mask``).

@@ -23,6 +23,7 @@ from . import __version__
 from .config import RunConfig, build_config, core_fields, load_config_file, resolve_plugin_options
 from .errors import ConfigError, LmflowError
 from .evaluation import evaluate_hooks
+from .hookspecs import StepContext
 from .models import RUN_RECORD, accelerator_available, block_size_for, load_model_config, stored_run
 from .plugins import RunPlugins, call_each, fold, parse_plugin_names, select_plugins
 from .report import Reporter, format_duration, quiet_libraries
@@ -39,29 +40,6 @@ from .rundir import (
     fsync_tree,
     plan_output_dir,
 )
-
-
-@dataclass
-class StepContext:
-    """What the ``on_step`` hook receives after each optimizer step.
-
-    ``loss`` is this process's training loss of the step just taken (averaged over its gradient-accumulation
-    micro-batches); it is read from the device only when a plugin asks for it.
-    """
-
-    global_step: int
-    max_steps: int
-    epoch: float
-    model: Any
-    optimizer: Any
-    lr_scheduler: Any
-    output_dir: str
-    is_main_process: bool
-    loss_tensor: Any = None
-
-    @property
-    def loss(self) -> float | None:
-        return None if self.loss_tensor is None else float(self.loss_tensor)
 
 
 @dataclass
