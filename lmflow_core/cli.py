@@ -541,6 +541,7 @@ def _register_plugin_commands() -> None:
     for name, problem in broken.items():
         click.echo(f"warning: plugin '{name}' is left out: {problem}", err=True)
     for impl in call_order(pm.hook.register_commands):
+        before = dict(cli.commands)
         try:
             impl.function(*[{"cli": cli}[name] for name in impl.argnames])
         except Exception as exc:  # a broken third-party plugin must not break every command
@@ -549,6 +550,20 @@ def _register_plugin_commands() -> None:
                 f"({type(exc).__name__}: {exc}); they are left out",
                 err=True,
             )
+        for name, command in cli.commands.items():
+            if before.get(name) is not command:
+                add_debug_option(command)
+
+
+def add_debug_option(command: click.Command) -> None:
+    """Give a plugin's command, and each command of a plugin's group, the core's ``--debug`` (unless it has
+    one): every lmflow command shows the traceback of a failure the same way."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_debug_option(sub)
+        return
+    if not any("--debug" in getattr(param, "opts", ()) for param in command.params):
+        debug_option(command)
 
 
 def main() -> None:

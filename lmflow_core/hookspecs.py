@@ -88,7 +88,7 @@ def register_commands(cli: click.Group) -> None:
     """Add sub-commands to the ``lmflow`` command line.
 
     When: once at CLI start-up, on every installed plugin. Keep the plugin module's imports light: heavy
-    libraries belong inside the command's function.
+    libraries belong inside the command's function. Every command added gets the core's ``--debug``.
 
     Args:
         cli: the top-level click group; call ``cli.add_command(...)`` or use ``@cli.command()``.

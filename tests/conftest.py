@@ -174,11 +174,12 @@ def assert_one_line_error(result, *fragments: str) -> str:
 
 def plugin_commands(plugin, name: str):
     """Add a plugin's commands (``register_commands``) to the CLI object ``invoke`` runs; undo afterwards."""
-    from lmflow_core.cli import cli
+    from lmflow_core.cli import add_debug_option, cli
 
     added = name not in cli.commands
     if added:
         plugin.register_commands(cli)
+        add_debug_option(cli.commands[name])  # as the core does for every plugin's commands
     yield
     if added:
         cli.commands.pop(name, None)
