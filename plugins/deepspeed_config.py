@@ -16,12 +16,12 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmflow_core import PluginOption, hookimpl
-from lmflow_core.errors import LmflowError
-from lmflow_core.inputs import read_input_text
-from lmflow_core.launch import free_port
+from lmflow_core import LmflowError, PluginOption, free_port, hookimpl, read_input_text
+
+if TYPE_CHECKING:
+    from lmflow_core import RunConfig
 
 INSTALL_HINT = "install it with: pip install 'lmflow[deepspeed]' (or pip install deepspeed)"
 
@@ -46,7 +46,7 @@ def options(stage: int) -> list[PluginOption]:
     return declared
 
 
-def problems(config: Any, plugin: str, stage: int) -> list[str]:
+def problems(config: RunConfig, plugin: str, stage: int) -> list[str]:
     """What stops the plugin from running: DeepSpeed missing, an unreadable JSON, contradicting values."""
     found = []
     if importlib.util.find_spec("deepspeed") is None:
@@ -58,7 +58,7 @@ def problems(config: Any, plugin: str, stage: int) -> list[str]:
     return found
 
 
-def build(config: Any, plugin: str, stage: int) -> dict[str, Any]:
+def build(config: RunConfig, plugin: str, stage: int) -> dict[str, Any]:
     """The DeepSpeed config of the run: built from its options, then the user's JSON merged over it."""
     import torch
 
@@ -178,7 +178,7 @@ AGREED = {
 }
 
 
-def check_agreement(user: dict, config: Any, plugin: str, path: str, stage: int) -> None:
+def check_agreement(user: dict, config: RunConfig, plugin: str, path: str, stage: int) -> None:
     """A value in the user's JSON that contradicts the run's own options is an error naming both."""
 
     def lookup(keys: tuple[str, ...]) -> Any:
@@ -242,11 +242,11 @@ def hooks(plugin: str, stage: int) -> tuple[Any, ...]:
         return {**CONFLICTS, other: "choose one ZeRO stage"}
 
     @hookimpl
-    def validate_config(config: Any) -> list[str]:
+    def validate_config(config: RunConfig) -> list[str]:
         return problems(config, plugin, stage)
 
     @hookimpl
-    def adjust_training_args(config: Any, training_args: dict[str, Any]) -> None:
+    def adjust_training_args(config: RunConfig, training_args: dict[str, Any]) -> None:
         apply(training_args, build(config, plugin, stage))
 
     return declare_options, declare_conflicts, validate_config, adjust_training_args

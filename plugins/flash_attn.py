@@ -14,9 +14,12 @@ composes with ``--gradient-checkpointing`` as well.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmflow_core import hookimpl
+from lmflow_core import hookimpl, note
+
+if TYPE_CHECKING:
+    from lmflow_core import RunConfig
 
 NAME = "flash_attn"
 FLASH = "flash_attention_2"
@@ -48,12 +51,12 @@ def detect_machine() -> Machine:
     return Machine(version, capability)  # type: ignore[arg-type]
 
 
-def computes_in_half_precision(config: Any) -> bool:
+def computes_in_half_precision(config: RunConfig) -> bool:
     """True when attention runs in bfloat16/float16: mixed precision, or 16-bit weights."""
     return bool(config.bf16 or config.fp16 or config.model_dtype in HALF_DTYPES)
 
 
-def choose_attention(config: Any, machine: Machine | None = None) -> tuple[str, str]:
+def choose_attention(config: RunConfig, machine: Machine | None = None) -> tuple[str, str]:
     """The attention implementation for a run, and a one-line note saying what was chosen and why.
 
     Returns ``("flash_attention_2", note)`` when flash-attn is installed, the GPU has compute capability 8.0
@@ -66,7 +69,7 @@ def choose_attention(config: Any, machine: Machine | None = None) -> tuple[str, 
     return FLASH, f"{NAME}: using FlashAttention-2 (flash-attn {machine.flash_attn_version})"
 
 
-def _missing(config: Any, machine: Machine) -> str | None:
+def _missing(config: RunConfig, machine: Machine) -> str | None:
     """The first condition of FlashAttention-2 that this run does not meet, or ``None``."""
     from packaging.version import InvalidVersion, Version
 
@@ -90,9 +93,7 @@ def _missing(config: Any, machine: Machine) -> str | None:
 
 
 @hookimpl
-def model_init_kwargs(config: Any) -> dict[str, Any]:
-    from lmflow_core.report import note
-
+def model_init_kwargs(config: RunConfig) -> dict[str, Any]:
     implementation, message = choose_attention(config)
     note(message)
     return {"attn_implementation": implementation}

@@ -10,9 +10,12 @@ gathered and saved as an ordinary model directory.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmflow_core import PluginOption, hookimpl
+from lmflow_core import LmflowError, PluginOption, hookimpl
+
+if TYPE_CHECKING:
+    from lmflow_core import RunConfig, StepContext
 
 NAME = "fsdp"
 
@@ -41,7 +44,7 @@ def declare_conflicts() -> dict[str, str]:
 
 
 @hookimpl
-def validate_config(config: Any) -> list[str]:
+def validate_config(config: RunConfig) -> list[str]:
     import torch
 
     if config.options_for(NAME).offload and not torch.cuda.is_available():
@@ -53,7 +56,7 @@ def validate_config(config: Any) -> list[str]:
 
 
 @hookimpl
-def adjust_training_args(config: Any, training_args: dict[str, Any]) -> None:
+def adjust_training_args(config: RunConfig, training_args: dict[str, Any]) -> None:
     options = config.options_for(NAME)
     fsdp_config: dict[str, Any] = {
         "version": 2,
@@ -99,7 +102,7 @@ def _gloo_state_without_gpus(training_args: dict[str, Any]) -> None:
 
 
 @hookimpl
-def on_step(config: Any, step: Any) -> None:
+def on_step(config: RunConfig, step: StepContext) -> None:
     """Fail loudly, on the first step, if the engine fell back to another kind of parallelism."""
     import os
 
@@ -108,8 +111,6 @@ def on_step(config: Any, step: Any) -> None:
     from torch.distributed.tensor import DTensor
 
     if not isinstance(next(step.model.parameters()), DTensor):
-        from lmflow_core.errors import LmflowError
-
         raise LmflowError(
             "the fsdp plugin is active but the model is not sharded (this accelerate version did not enable FSDP)",
             "run without --plugins fsdp (plain DDP), or use --plugins zero3",

@@ -31,10 +31,12 @@ import random
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmflow_core import PluginOption, hookimpl
-from lmflow_core.errors import ConfigError, LmflowError
+from lmflow_core import ConfigError, LmflowError, PluginOption, hookimpl, note
+
+if TYPE_CHECKING:
+    from lmflow_core import RunConfig, StepContext
 
 NAME = "lisa"
 STATE_FILE = "lisa_state.json"
@@ -76,7 +78,7 @@ def declare_conflicts() -> dict[str, str]:
 
 
 @hookimpl
-def configure_model(config: Any, model_config: Any) -> None:
+def configure_model(config: RunConfig, model_config: Any) -> None:
     """Check the options against the model's shape before its weights load."""
     options = config.options_for(NAME)
     layers = _layer_count(model_config)
@@ -95,7 +97,7 @@ def configure_model(config: Any, model_config: Any) -> None:
 
 
 @hookimpl
-def prepare_model(config: Any, model: Any, tokenizer: Any) -> None:
+def prepare_model(config: RunConfig, model: Any, tokenizer: Any) -> None:
     """Find the decoder layers and remember the run's LISA state; every parameter stays trainable for now."""
     options = config.options_for(NAME)
     path, layers = find_layers(model, options.layers_attribute)
@@ -116,8 +118,6 @@ def prepare_model(config: Any, model: Any, tokenizer: Any) -> None:
     )
     model.lmflow_lisa = state  # lives as long as the model
     _RUNS[id(config)] = state
-    from lmflow_core.report import note
-
     note(
         f"lisa: training {options.activated_layers} of the {len(layers)} decoder layers ({path}) at a time, "
         f"drawn anew every {options.interval_steps} steps; the others are frozen once training starts"
@@ -125,13 +125,13 @@ def prepare_model(config: Any, model: Any, tokenizer: Any) -> None:
 
 
 @hookimpl
-def adjust_training_args(config: Any, training_args: dict[str, Any]) -> None:
+def adjust_training_args(config: RunConfig, training_args: dict[str, Any]) -> None:
     # Under DDP, frozen layers produce no gradient in a step: the reducer must expect that.
     training_args["ddp_find_unused_parameters"] = True
 
 
 @hookimpl
-def trainer_callbacks(config: Any) -> list[Any]:
+def trainer_callbacks(config: RunConfig) -> list[Any]:
     from transformers import TrainerCallback
 
     run = _RUNS.get(id(config))
@@ -150,21 +150,21 @@ def trainer_callbacks(config: Any) -> list[Any]:
 
 
 @hookimpl
-def on_step(config: Any, step: Any) -> None:
+def on_step(config: RunConfig, step: StepContext) -> None:
     run = _RUNS.get(id(config))
     if run is not None and step.global_step % run.interval == 0 and step.global_step < step.max_steps:
         run.activate(run.draw(step.global_step), step.optimizer)
 
 
 @hookimpl
-def on_checkpoint_save(config: Any, checkpoint_dir: str, is_main_process: bool) -> None:
+def on_checkpoint_save(config: RunConfig, checkpoint_dir: str, is_main_process: bool) -> None:
     run = _RUNS.get(id(config))
     if run is not None and is_main_process:
         Path(checkpoint_dir, STATE_FILE).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
 
 
 @hookimpl
-def on_checkpoint_load(config: Any, checkpoint_dir: str) -> None:
+def on_checkpoint_load(config: RunConfig, checkpoint_dir: str) -> None:
     run = _RUNS.get(id(config))
     path = Path(checkpoint_dir, STATE_FILE)
     if run is None:
@@ -245,7 +245,7 @@ class LisaState:
 _RUNS: weakref.WeakValueDictionary[int, LisaState] = weakref.WeakValueDictionary()
 
 
-def active_layers(config: Any) -> list[int] | None:
+def active_layers(config: RunConfig) -> list[int] | None:
     """The decoder layers being trained in the run of ``config`` (None when LISA is not used)."""
     run = _RUNS.get(id(config))
     return None if run is None else list(run.active)

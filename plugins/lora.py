@@ -29,14 +29,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmflow_core import PluginOption, hookimpl
-from lmflow_core.defaults import model_source
-from lmflow_core.errors import ConfigError, LmflowError
-from lmflow_core.files import check_output_apart, check_replaceable, move_into_place, write_output_record
-from lmflow_core.models import ADAPTER_CONFIG, RUN_RECORD, adapter_base, is_adapter, read_json
+from lmflow_core import (
+    ADAPTER_CONFIG,
+    RUN_RECORD,
+    ConfigError,
+    LmflowError,
+    PluginOption,
+    adapter_base,
+    check_output_apart,
+    check_replaceable,
+    hookimpl,
+    is_adapter,
+    load_model_config,
+    model_source,
+    move_into_place,
+    quiet_libraries,
+    read_json,
+    write_output_record,
+)
 
 if TYPE_CHECKING:
     import click
+
+    from lmflow_core import RunConfig
 
 NAME = "lora"
 ALL_LINEAR = "all-linear"
@@ -88,7 +103,7 @@ def target_modules(value: str) -> str | list[str]:
 
 
 @hookimpl
-def validate_config(config: Any) -> list[str]:
+def validate_config(config: RunConfig) -> list[str]:
     """Problems with the options, the model and the machine that need no model to find."""
     options = config.options_for(NAME)
     problems = []
@@ -135,7 +150,7 @@ def bitsandbytes_installed() -> bool:
 
 
 @hookimpl
-def configure_model(config: Any, model_config: Any) -> None:
+def configure_model(config: RunConfig, model_config: Any) -> None:
     """Check the model and the module names against its architecture, built without weights, before it loads.
 
     (Here rather than in ``validate_config``, which inference sessions call too: an adapter directory is a
@@ -213,7 +228,7 @@ def linear_layer_names(model: Any) -> list[str]:
 
 
 @hookimpl
-def model_init_kwargs(config: Any) -> dict[str, Any] | None:
+def model_init_kwargs(config: RunConfig) -> dict[str, Any] | None:
     """QLoRA: load the base model's linear layers in 4-bit NF4 (bitsandbytes), on this process's GPU."""
     if not config.options_for(NAME).qlora:
         return None
@@ -257,7 +272,7 @@ def base_reference(model: str) -> str:
 
 
 @hookimpl
-def prepare_model(config: Any, model: Any, tokenizer: Any) -> Any:
+def prepare_model(config: RunConfig, model: Any, tokenizer: Any) -> Any:
     """Freeze the base model and wrap it with LoRA adapters (``peft.get_peft_model``)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
@@ -288,7 +303,7 @@ def _quiet_peft() -> Iterator[None]:
 
 
 @hookimpl
-def on_checkpoint_load(config: Any, checkpoint_dir: str) -> None:
+def on_checkpoint_load(config: RunConfig, checkpoint_dir: str) -> None:
     """Refuse to resume from a checkpoint that holds no adapter, or one trained with other LoRA settings."""
     saved = read_json(Path(checkpoint_dir) / ADAPTER_CONFIG)
     if not saved:
@@ -370,8 +385,6 @@ def merge_lora(
         raise LmflowError(f"--output {output_dir} is a file", "choose a directory")
     check_output_apart(output_dir, [adapter_dir, base])
     check_replaceable(output_dir, overwrite)
-    from lmflow_core.models import load_model_config
-
     load_model_config(base, trust_remote_code, option="--base")  # a missing base fails before anything loads
 
     merged, tokenizer = _merged_model(base, adapter_dir, dtype, trust_remote_code)
@@ -396,8 +409,6 @@ def _merged_model(base: str, adapter_dir: Path, dtype: str, trust_remote_code: b
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lmflow_core.train import quiet_libraries
 
     quiet_libraries()
     model = AutoModelForCausalLM.from_pretrained(
@@ -435,8 +446,6 @@ def register_commands(cli: click.Group) -> None:
     """Add ``lmflow merge-lora``."""
     import click
 
-    from lmflow_core.cli import debug_option
-
     @cli.command("merge-lora")
     @click.option("--adapter", required=True, help="LoRA adapter directory (the output of a LoRA run).")
     @click.option("--base", help="Base model (id or directory); default: the one the adapter names.")
@@ -452,7 +461,6 @@ def register_commands(cli: click.Group) -> None:
     @click.option(
         "--trust-remote-code", is_flag=True, help="Allow model code from the hub repository to run."
     )
-    @debug_option
     def merge_lora_command(
         adapter: str, base: str | None, output: str, overwrite: bool, dtype: str, trust_remote_code: bool
     ) -> None:

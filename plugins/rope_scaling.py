@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmflow_core import PluginOption, hookimpl
-from lmflow_core.errors import ConfigError, LmflowError
+from lmflow_core import ConfigError, LmflowError, PluginOption, hookimpl, model_context_length, note
+
+if TYPE_CHECKING:
+    from lmflow_core import RunConfig
 
 NAME = "rope_scaling"
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
@@ -76,7 +78,7 @@ def declare_conflicts() -> dict[str, str]:
 
 
 @hookimpl
-def validate_config(config: Any) -> list[str]:
+def validate_config(config: RunConfig) -> list[str]:
     options = config.options_for(NAME)
     if options.factor is None and options.target_context is None:
         return ["the rope_scaling plugin needs --rope-factor F or --target-context N (tokens)"]
@@ -86,18 +88,17 @@ def validate_config(config: Any) -> list[str]:
 
 
 @hookimpl
-def configure_model(config: Any, model_config: Any) -> None:
+def configure_model(config: RunConfig, model_config: Any) -> None:
     """Write the scaling into the model config before the weights load (and before the block size check)."""
-    from lmflow_core.models import model_context
-    from lmflow_core.report import note
-
     options = config.options_for(NAME)
     before = _pretrained_context(model_config)
     stored = apply_rope_scaling(
         model_config, options.rope_type, factor=options.factor, target_context=options.target_context
     )
     if stored is None:
-        note(f"the model already uses this RoPE scaling (context {model_context(model_config)} tokens)")
+        note(
+            f"the model already uses this RoPE scaling (context {model_context_length(model_config)} tokens)"
+        )
         return
     factor = _scaled_parameters(model_config)[0]["factor"]
     how = (
@@ -107,7 +108,7 @@ def configure_model(config: Any, model_config: Any) -> None:
     )
     note(
         f"RoPE scaling: {options.rope_type}, factor {factor:g}: context {before} -> "
-        f"{model_context(model_config)} tokens{how}"
+        f"{model_context_length(model_config)} tokens{how}"
     )
 
 
@@ -276,11 +277,9 @@ def _check_already_scaled(
     target_context: int | None,
 ) -> None:
     """A model saved by an earlier rope_scaling run keeps its scaling; asking for another one is an error."""
-    from lmflow_core.models import model_context
-
     params = targets[0]
     existing_type, existing_factor = params.get("rope_type"), params.get("factor")
-    context = model_context(model_config) or 0
+    context = model_context_length(model_config) or 0
     # A Phi-3 style config holds the scaling as its longrope equivalent (see apply_rope_scaling).
     same_type = existing_type == rope_type or (existing_type == "longrope" and rope_type != "dynamic")
     if same_type and target_context is not None and target_context <= context:

@@ -13,10 +13,12 @@ temperature, top-k, top-p and repetition penalty).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmflow_core import PluginOption, hookimpl
-from lmflow_core.errors import LmflowError
+from lmflow_core import LmflowError, PluginOption, hookimpl, load_model_config
+
+if TYPE_CHECKING:
+    from lmflow_core import GenerationOptions, RunConfig
 
 NAME = "speculative"
 
@@ -44,7 +46,7 @@ def declare_options() -> list[PluginOption]:
 
 
 @hookimpl
-def validate_config(config: Any) -> list[str]:
+def validate_config(config: RunConfig) -> list[str]:
     if not config.options_for(NAME).draft_model:
         return [
             "the speculative plugin needs a draft model: pass --draft-model (a small model with the same tokenizer)"
@@ -53,18 +55,16 @@ def validate_config(config: Any) -> list[str]:
 
 
 @hookimpl
-def prepare_inference(config: Any, model: Any, tokenizer: Any) -> None:
+def prepare_inference(config: RunConfig, model: Any, tokenizer: Any) -> None:
     draft_for(config, model, tokenizer)
 
 
-def draft_for(config: Any, model: Any, tokenizer: Any) -> Any:
+def draft_for(config: RunConfig, model: Any, tokenizer: Any) -> Any:
     """The draft model of ``model``, loaded once and checked to share the target's vocabulary."""
     draft = getattr(model, "lmflow_draft", None)
     if draft is not None:
         return draft
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lmflow_core.models import load_model_config
 
     path = config.options_for(NAME).draft_model
     draft_config = load_model_config(path, option="--draft-model")
@@ -102,7 +102,14 @@ def _cache_argument(model: Any) -> str:
 
 
 @hookimpl
-def decode(config: Any, model: Any, tokenizer: Any, input_ids: Any, options: Any, streamer: Any) -> Any:
+def decode(
+    config: RunConfig | None,
+    model: Any,
+    tokenizer: Any,
+    input_ids: Any,
+    options: GenerationOptions,
+    streamer: Any,
+) -> Any:
     if config is None:
         return None
     draft = draft_for(config, model, tokenizer)
@@ -114,7 +121,7 @@ def decode(config: Any, model: Any, tokenizer: Any, input_ids: Any, options: Any
 class _Distribution:
     """Turns logits into the next token's distribution exactly as ``model.generate`` would."""
 
-    def __init__(self, options: Any):
+    def __init__(self, options: GenerationOptions):
         from transformers import (
             LogitsProcessorList,
             RepetitionPenaltyLogitsProcessor,
@@ -152,7 +159,7 @@ def _crop(cache: Any, keep: int) -> None:
 
 
 def speculative_generate(
-    target: Any, draft: Any, tokenizer: Any, input_ids: Any, options: Any, streamer: Any, k: int
+    target: Any, draft: Any, tokenizer: Any, input_ids: Any, options: GenerationOptions, streamer: Any, k: int
 ) -> Any:
     """Generate after ``input_ids`` (batch of one); returns prompt + new tokens, as ``model.generate`` does."""
     import torch

@@ -12,14 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from lmflow_core import hookimpl
-from lmflow_core.templates import (
+from lmflow_core import (
     Conversation,
     Message,
     Segment,
     Template,
     TemplateError,
     TurnTemplate,
+    hookimpl,
     render_text,
     tojson,
 )

@@ -44,13 +44,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmflow_core import PluginOption, hookimpl
-from lmflow_core.errors import ConfigError, LmflowError
-from lmflow_core.files import check_output_apart, check_replaceable, move_into_place, write_output_record
-from lmflow_core.inputs import read_input_text
+from lmflow_core import (
+    ConfigError,
+    LmflowError,
+    PluginOption,
+    check_output_apart,
+    check_replaceable,
+    hookimpl,
+    load_default_tokenizer,
+    model_source,
+    move_into_place,
+    note,
+    quiet_libraries,
+    read_input_text,
+    write_output_record,
+)
 
 if TYPE_CHECKING:
     import click
+
+    from lmflow_core import RunConfig, StepContext
 
 NAME = "vocab_extension"
 REPORT_FILE = "vocab_extension.json"
@@ -659,8 +672,6 @@ def register_commands(cli: click.Group) -> None:
     """Add ``lmflow vocab extend``."""
     import click
 
-    from lmflow_core.cli import debug_option
-
     @cli.group("vocab")
     def vocab_group() -> None:
         """Extend a tokenizer's vocabulary for a new language or domain."""
@@ -687,7 +698,6 @@ def register_commands(cli: click.Group) -> None:
     )
     @click.option("--output", required=True, help="Directory to write the extended tokenizer to.")
     @click.option("--overwrite", is_flag=True, help="Replace --output if it already holds something.")
-    @debug_option
     def vocab_extend(
         corpus: tuple[str, ...], base: str, vocab_size: int, output: str, overwrite: bool
     ) -> None:
@@ -696,8 +706,6 @@ def register_commands(cli: click.Group) -> None:
         Every old token keeps its id, and any text decodes as before. The report (pieces added, tokens per
         character of the corpus before and after) is printed and written to vocab_extension.json.
         """
-        from lmflow_core.train import quiet_libraries
-
         quiet_libraries()
         paths = [p for value in corpus for p in value.split(",") if p]
         report = extend_vocabulary(paths, base, vocab_size, output, overwrite=overwrite)
@@ -735,7 +743,7 @@ def declare_conflicts() -> dict[str, str]:
 
 
 @hookimpl
-def validate_config(config: Any) -> list[str]:
+def validate_config(config: RunConfig) -> list[str]:
     problems = []
     if not config.tokenizer:
         problems.append(
@@ -759,12 +767,9 @@ def validate_config(config: Any) -> list[str]:
 
 
 @hookimpl
-def load_tokenizer(config: Any) -> Any:
+def load_tokenizer(config: RunConfig) -> Any:
     """Load ``--tokenizer`` and check, before any model loads, that it extends the model's own tokenizer."""
-    from lmflow_core.defaults import load_tokenizer as load_run_tokenizer
-    from lmflow_core.report import note
-
-    tokenizer = load_run_tokenizer(config)
+    tokenizer = load_default_tokenizer(config)
     base = model_tokenizer(config)
     check_extends(base, tokenizer, config.tokenizer)
     new = len(tokenizer) - len(base)
@@ -781,11 +786,9 @@ def load_tokenizer(config: Any) -> Any:
     return tokenizer
 
 
-def model_tokenizer(config: Any) -> Any:
+def model_tokenizer(config: RunConfig) -> Any:
     """The tokenizer stored with the run's model: it tells which tokens are new and how to split them."""
     from transformers import AutoTokenizer
-
-    from lmflow_core.defaults import model_source
 
     source = model_source(config)
     try:
@@ -812,10 +815,8 @@ def check_extends(base: Any, tokenizer: Any, where: str) -> None:
 
 
 @hookimpl
-def prepare_model(config: Any, model: Any, tokenizer: Any) -> None:
+def prepare_model(config: RunConfig, model: Any, tokenizer: Any) -> None:
     """Grow the embeddings and LM head, initialise the new rows, and freeze all else if asked."""
-    from lmflow_core.report import note
-
     base = model_tokenizer(config)
     first_new, total = len(base), len(tokenizer)
     if total <= first_new:
@@ -913,7 +914,7 @@ def _row_mask(first: int, end: int) -> Any:
 
 
 @hookimpl
-def on_step(config: Any, step: Any) -> None:
+def on_step(config: RunConfig, step: StepContext) -> None:
     """Put the frozen rows back after weight decay shrank them (``--train-new-embeddings-only``)."""
     import torch
 

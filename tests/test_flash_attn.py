@@ -66,7 +66,7 @@ def test_the_hook_reads_the_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert flash_attn.detect_machine() == AMPERE
     notes = []
-    monkeypatch.setattr("lmflow_core.report.note", notes.append)
+    monkeypatch.setattr(flash_attn, "note", notes.append)
     assert flash_attn.model_init_kwargs(settings(bf16=True)) == {"attn_implementation": "flash_attention_2"}
     assert notes == ["flash_attn: using FlashAttention-2 (flash-attn 2.7.4)"]
 

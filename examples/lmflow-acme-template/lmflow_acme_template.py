@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from lmflow_core import hookimpl
-from lmflow_core.templates import TurnTemplate
+from lmflow_core import TurnTemplate, hookimpl
 
 ACME = TurnTemplate(
     name="acme",

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import csv
 import os
+from typing import TYPE_CHECKING
 
 from lmflow_core import PluginOption, hookimpl
+
+if TYPE_CHECKING:
+    from lmflow_core import RunConfig, StepContext
 
 NAME = "csv_logger"
 
 
 @hookimpl
-def declare_options():
+def declare_options() -> list[PluginOption]:
     return [
         PluginOption("path", str, None, "CSV file to write (default: metrics.csv in the output directory)."),
         PluginOption("every", int, 1, "Write a row every N optimizer steps.", min=1),
@@ -19,7 +23,7 @@ def declare_options():
 
 
 @hookimpl
-def validate_config(config):
+def validate_config(config: RunConfig) -> list[str]:
     path = config.options_for(NAME).path
     if path and os.path.isdir(path):
         return [f"--csv-logger-path {path} is a directory; give a file name"]
@@ -27,7 +31,7 @@ def validate_config(config):
 
 
 @hookimpl
-def on_step(config, step):
+def on_step(config: RunConfig, step: StepContext) -> None:
     options = config.options_for(NAME)
     if not step.is_main_process or step.global_step % options.every:
         return
