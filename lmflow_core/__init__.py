@@ -20,8 +20,8 @@ from .plugins import hookimpl
 
 __version__ = "0.1.0"
 
-# Public name -> (module, name there). A public name may differ from the module's own (``model_context``
-# reads as a context object; the default tokenizer loader shares its name with the hook it implements).
+# Public name -> (module, name there). A public name may differ from the module's own (``model_context`` reads
+# as a context object). None of them is a hook implementation: a plugin importing one must not register it.
 _LAZY: dict[str, tuple[str, str]] = {
     # configuration and run/step types
     "RunConfig": ("config", "RunConfig"),
@@ -46,7 +46,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "move_into_place": ("files", "move_into_place"),
     # models and model directories
     "model_source": ("defaults", "model_source"),
-    "load_default_tokenizer": ("defaults", "load_tokenizer"),
+    "load_default_tokenizer": ("defaults", "load_default_tokenizer"),
     "load_model_config": ("models", "load_model_config"),
     "model_context_length": ("models", "model_context"),
     "is_adapter": ("models", "is_adapter"),
@@ -63,8 +63,7 @@ _LAZY: dict[str, tuple[str, str]] = {
 
 if TYPE_CHECKING:
     from .config import RunConfig
-    from .defaults import load_tokenizer as load_default_tokenizer
-    from .defaults import model_source
+    from .defaults import load_default_tokenizer, model_source
     from .files import check_output_apart, check_replaceable, move_into_place, write_output_record
     from .generate import GenerationOptions
     from .hookspecs import StepContext

@@ -25,6 +25,14 @@ def model_source(config: Any) -> str:
 
 @hookimpl(trylast=True)
 def load_tokenizer(config: Any) -> Any:
+    return load_default_tokenizer(config)
+
+
+def load_default_tokenizer(config: Any) -> Any:
+    """The run's tokenizer as the core loads it (``--tokenizer``, else the model's own), with a pad token.
+
+    Not itself a hook implementation, so a plugin that wraps the default can import it at module level.
+    """
     from transformers import AutoTokenizer
 
     source = config.tokenizer or model_source(config)
