@@ -109,33 +109,8 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     data, expected = straight_run
     common = common_args(tiny_llama, data)
     out = tmp_path / "out"
-    settings = {
-        "model": str(tiny_llama),
-        "dataset": str(data),
-        "template": "chatml",
-        "max_steps": 12,
-        "save_steps": 3,
-        "batch_size": 4,
-        "learning_rate": 3e-3,
-        "lr_scheduler": "constant",
-        "logging_steps": 1,
-        "save_total_limit": 10,
-        "output_dir": str(out),
-    }
-    script = tmp_path / "killer.py"
-    script.write_text(
-        "import json, os, signal, sys\n"
-        "from lmflow_core import hookimpl, run\n"
-        "class Killer:\n"
-        "    @hookimpl\n"
-        "    def on_checkpoint_save(self, checkpoint_dir):\n"
-        "        if checkpoint_dir.endswith('checkpoint-6'):\n"
-        "            os.kill(os.getpid(), signal.SIGKILL)  # dies half-way through writing checkpoint-6\n"
-        "run(**json.loads(sys.argv[1]), extra_plugins={'killer': Killer()})\n"
-    )
-    victim = subprocess.run(
-        [sys.executable, str(script), json.dumps(settings)], capture_output=True, text=True
-    )
+    # Killed half-way through writing checkpoint-6.
+    victim = killed_run(tiny_llama, data, out, checkpoint_killer("checkpoint-6"))
     assert victim.returncode == -signal.SIGKILL, victim.stderr
     assert (out / "checkpoint-3").is_dir() and not (out / "checkpoint-6").exists()
     staged = out / ".staging-checkpoint-6" / "checkpoint-6"
@@ -211,6 +186,42 @@ def test_resume_from_an_explicit_checkpoint_path(tiny_llama, chat_data, tmp_path
     assert (tmp_path / "b" / "checkpoint-6").is_dir() and not (tmp_path / "b" / "checkpoint-2").exists()
 
 
+def checkpoint_killer(name: str) -> str:
+    """Code for a plugin that kills the run while it writes checkpoint ``name``."""
+    return (
+        "class Killer:\n"
+        "    @hookimpl\n"
+        "    def on_checkpoint_save(self, checkpoint_dir):\n"
+        f"        if checkpoint_dir.endswith('{name}'):\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "extra['killer'] = Killer()\n"
+    )
+
+
+def killed_run(tiny_llama, data, out, killer: str) -> subprocess.CompletedProcess:
+    """The run of ``common_args`` from Python in a child process, with ``killer`` code set up first."""
+    settings = {
+        "model": str(tiny_llama),
+        "dataset": str(data),
+        "template": "chatml",
+        "max_steps": 12,
+        "save_steps": 3,
+        "batch_size": 4,
+        "learning_rate": 3e-3,
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "save_total_limit": 10,
+        "output_dir": str(out),
+    }
+    script = out.parent / "killer.py"
+    script.write_text(
+        "import json, os, signal, sys\n"
+        "from lmflow_core import hookimpl, run\n"
+        "extra = {}\n" + killer + "run(**json.loads(sys.argv[1]), extra_plugins=extra)\n"
+    )
+    return subprocess.run([sys.executable, str(script), json.dumps(settings)], capture_output=True, text=True)
+
+
 KILLERS = {
     # Killed with the final model complete in .staging-final, before any file is moved into place.
     "final-staged": (
@@ -232,14 +243,7 @@ KILLERS = {
         "os.replace = replace\n"
     ),
     # Killed while writing the last checkpoint (checkpoint-12 never becomes a checkpoint).
-    "last-checkpoint": (
-        "class Killer:\n"
-        "    @hookimpl\n"
-        "    def on_checkpoint_save(self, checkpoint_dir):\n"
-        "        if checkpoint_dir.endswith('checkpoint-12'):\n"
-        "            os.kill(os.getpid(), signal.SIGKILL)\n"
-        "extra['killer'] = Killer()\n"
-    ),
+    "last-checkpoint": checkpoint_killer("checkpoint-12"),
 }
 
 
@@ -252,28 +256,7 @@ def test_a_run_killed_at_its_end_resumes_to_exactly_the_uninterrupted_run(
     data, expected = straight_run
     common = common_args(tiny_llama, data)
     out = tmp_path / "out"
-    settings = {
-        "model": str(tiny_llama),
-        "dataset": str(data),
-        "template": "chatml",
-        "max_steps": 12,
-        "save_steps": 3,
-        "batch_size": 4,
-        "learning_rate": 3e-3,
-        "lr_scheduler": "constant",
-        "logging_steps": 1,
-        "save_total_limit": 10,
-        "output_dir": str(out),
-    }
-    script = tmp_path / "killer.py"
-    script.write_text(
-        "import json, os, signal, sys\n"
-        "from lmflow_core import hookimpl, run\n"
-        "extra = {}\n" + KILLERS[moment] + "run(**json.loads(sys.argv[1]), extra_plugins=extra)\n"
-    )
-    victim = subprocess.run(
-        [sys.executable, str(script), json.dumps(settings)], capture_output=True, text=True
-    )
+    victim = killed_run(tiny_llama, data, out, KILLERS[moment])
     assert victim.returncode == -signal.SIGKILL, victim.stderr
     record = json.loads((out / "lmflow_run.json").read_text())
     assert record["status"] == "running"

@@ -333,7 +333,7 @@ def _write_corpus(tmp_path: Path, case: str) -> Path:
     "case, fragments",
     [
         ("empty", ["holds no text", "Pass files with the text"]),
-        ("binary", ["is not UTF-8 text", "Pass plain text files"]),
+        ("binary", ["is not UTF-8 text", "Re-encode the file as UTF-8"]),
         ("nul", ["is binary, not text"]),
         ("missing", ["--corpus", "does not exist"]),
         (
