@@ -196,6 +196,25 @@ def claim_output_dir(plan: OutputPlan, output_dir: Path) -> None:
     remove_staging(output_dir)
 
 
+def rotate_checkpoints(output_dir: Path, keep: int | None) -> None:
+    """Delete the oldest ``checkpoint-N`` directories beyond ``keep`` (the newest always stays).
+
+    Only directories named exactly ``checkpoint-<number>`` count: a user's ``checkpoint-500-good`` copy is not a
+    checkpoint (transformers' own rotation would delete it).
+    """
+    if not keep or keep < 1:
+        return
+    steps = sorted(
+        (int(name.split("-")[1]), name)
+        for name in _entries(output_dir)
+        if _CHECKPOINT.fullmatch(name)
+        and (output_dir / name).is_dir()
+        and not (output_dir / name).is_symlink()
+    )
+    for _step, name in steps[: max(len(steps) - keep, 0)]:
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+
+
 def remove_staging(directory: Path) -> None:
     """Delete the half-written checkpoints and final saves a killed run left behind."""
     for name in _entries(directory):

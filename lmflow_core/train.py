@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import rotate_checkpoints
 
 from . import __version__
 from .config import RunConfig, build_config, core_fields, load_config_file, resolve_plugin_options
@@ -39,6 +38,7 @@ from .rundir import (
     fsync_dir,
     fsync_tree,
     plan_output_dir,
+    rotate_checkpoints,
 )
 
 
@@ -622,7 +622,7 @@ class LmflowTrainer(Trainer):
             os.replace(os.path.join(staging_root, name), final)
             shutil.rmtree(staging_root, ignore_errors=True)
             fsync_dir(run_dir)
-            rotate_checkpoints(run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+            rotate_checkpoints(Path(run_dir), self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
 
 

@@ -165,3 +165,25 @@ def test_a_config_file_inside_the_output_directory_is_refused_from_python(tiny_l
     with pytest.raises(ConfigError, match="--config .* lies inside --output-dir"):
         run(str(config))
     assert config.is_file()
+
+
+def test_checkpoint_rotation_deletes_only_checkpoints(tiny_llama, chat_data, tmp_path):
+    """A user's copy named like a checkpoint (checkpoint-1-good) survives --save-total-limit's rotation."""
+    import shutil
+
+    out = tmp_path / "out"
+    settings = dict(
+        model=str(tiny_llama),
+        dataset=str(chat_data),
+        template="chatml",
+        output_dir=str(out),
+        batch_size=4,
+        save_steps=1,
+        save_total_limit=1,
+    )
+    run(**settings, max_steps=1)
+    shutil.copytree(out / "checkpoint-1", out / "checkpoint-1-good")
+    before = tree_hashes(out / "checkpoint-1-good")
+    run(**settings, max_steps=3, resume="latest")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1-good", "checkpoint-3"]
+    assert tree_hashes(out / "checkpoint-1-good") == before
