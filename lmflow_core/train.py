@@ -681,6 +681,15 @@ def _save_final(trainer: Any, tokenizer: Any, output_dir: Path, record: _RunReco
         tokenizer.save_pretrained(str(staging))
         fsync_tree(str(staging))
         items = sorted(staging.iterdir())
+        clash = [
+            i.name for i in items if (output_dir / i.name).exists() and i.name not in record.outputs.names
+        ]
+        if clash:  # a user's file put beside a resumed run, with a name the save uses: never replaced
+            raise LmflowError(
+                f"the final model is saved in {staging} but not moved into {output_dir}: "
+                f"{', '.join(clash)} there {'is' if len(clash) == 1 else 'are'} not lmflow's",
+                f"move {'it' if len(clash) == 1 else 'them'} out of {output_dir} and run again with --resume",
+            )
         record.outputs.add(item.name for item in items)
         record.write(status="running")
         for item in items:

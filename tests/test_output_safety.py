@@ -187,3 +187,34 @@ def test_checkpoint_rotation_deletes_only_checkpoints(tiny_llama, chat_data, tmp
     run(**settings, max_steps=3, resume="latest")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1-good", "checkpoint-3"]
     assert tree_hashes(out / "checkpoint-1-good") == before
+
+
+def test_the_final_save_never_replaces_a_users_file_of_the_same_name(
+    tiny_llama, chat_data, tmp_path, monkeypatch
+):
+    from lmflow_core.errors import LmflowError
+    from lmflow_core.train import LmflowTrainer
+
+    out = tmp_path / "out"
+    settings = dict(
+        model=str(tiny_llama),
+        dataset=str(chat_data),
+        template="chatml",
+        output_dir=str(out),
+        batch_size=4,
+        save_steps=1,
+    )
+    run(**settings, max_steps=1)
+    # A user's README.md beside the run, and a save that writes one too (as peft's adapter save does).
+    (out / "README.md").write_text("my notes")
+    real_save = LmflowTrainer.save_model
+
+    def save_with_card(self, output_dir=None, *args, **kwargs):
+        real_save(self, output_dir, *args, **kwargs)
+        (Path(output_dir) / "README.md").write_text("model card")
+
+    monkeypatch.setattr(LmflowTrainer, "save_model", save_with_card)
+    with pytest.raises(LmflowError, match=r"README\.md there is not lmflow's.*--resume"):
+        run(**settings, max_steps=2, resume="latest")
+    assert (out / "README.md").read_text() == "my notes"
+    assert (out / ".staging-final" / "README.md").read_text() == "model card"
