@@ -26,6 +26,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     # configuration and run/step types
     "RunConfig": ("config", "RunConfig"),
     "StepContext": ("hookspecs", "StepContext"),
+    "Stash": ("stash", "Stash"),
+    "StashKey": ("stash", "StashKey"),
     # templates
     "TemplateError": ("templates", "TemplateError"),
     "Template": ("templates", "Template"),
@@ -80,6 +82,7 @@ if TYPE_CHECKING:
     )
     from .models import model_context as model_context_length
     from .report import note, quiet_libraries
+    from .stash import Stash, StashKey
     from .templates import (
         Conversation,
         Message,
@@ -107,6 +110,8 @@ __all__ = [
     # running
     "run",
     "StepContext",
+    "Stash",
+    "StashKey",
     # templates
     "Template",
     "TurnTemplate",

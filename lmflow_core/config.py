@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from .errors import ConfigError, LmflowError
+from .stash import Stash
 
 SCHEDULERS = (
     "linear",
@@ -168,6 +169,8 @@ class RunConfig:
 
     # Plugin options: {plugin_name: {option_name: value}}; filled with defaults once plugins are selected.
     plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per-run plugin state (``config.stash[KEY]``, see :mod:`lmflow_core.stash`); not a setting.
+    stash: Stash = field(default_factory=Stash, repr=False, compare=False)
 
     def options_for(self, plugin: str) -> SimpleNamespace:
         """The options of ``plugin`` as attributes (``config.options_for("lisa").interval_steps``)."""
@@ -186,8 +189,8 @@ class RunConfig:
 
 
 def core_fields() -> list[dataclasses.Field]:
-    """The user-settable fields (everything but ``plugin_options``)."""
-    return [f for f in dataclasses.fields(RunConfig) if f.name != "plugin_options"]
+    """The user-settable fields (everything but ``plugin_options`` and ``stash``)."""
+    return [f for f in dataclasses.fields(RunConfig) if f.name not in ("plugin_options", "stash")]
 
 
 FIELD_NAMES = frozenset(f.name for f in core_fields())

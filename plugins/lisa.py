@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import json
 import random
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmflow_core import ConfigError, LmflowError, PluginOption, hookimpl, note
+from lmflow_core import ConfigError, LmflowError, PluginOption, StashKey, hookimpl, note
 
 if TYPE_CHECKING:
     from lmflow_core import RunConfig, StepContext
@@ -116,8 +115,7 @@ def prepare_model(config: RunConfig, model: Any, tokenizer: Any) -> None:
         seed=config.seed,
         frozen_always=_frozen_extras(model, options),
     )
-    model.lmflow_lisa = state  # lives as long as the model
-    _RUNS[id(config)] = state
+    config.stash[LISA] = state
     note(
         f"lisa: training {options.activated_layers} of the {len(layers)} decoder layers ({path}) at a time, "
         f"drawn anew every {options.interval_steps} steps; the others are frozen once training starts"
@@ -134,7 +132,7 @@ def adjust_training_args(config: RunConfig, training_args: dict[str, Any]) -> No
 def trainer_callbacks(config: RunConfig) -> list[Any]:
     from transformers import TrainerCallback
 
-    run = _RUNS.get(id(config))
+    run = config.stash.get(LISA, None)
 
     class LisaStart(TrainerCallback):
         """Freezes all but the active layers once the model is wrapped and the optimizer state is loaded."""
@@ -151,21 +149,21 @@ def trainer_callbacks(config: RunConfig) -> list[Any]:
 
 @hookimpl
 def on_step(config: RunConfig, step: StepContext) -> None:
-    run = _RUNS.get(id(config))
+    run = config.stash.get(LISA, None)
     if run is not None and step.global_step % run.interval == 0 and step.global_step < step.max_steps:
         run.activate(run.draw(step.global_step), step.optimizer)
 
 
 @hookimpl
 def on_checkpoint_save(config: RunConfig, checkpoint_dir: str, is_main_process: bool) -> None:
-    run = _RUNS.get(id(config))
+    run = config.stash.get(LISA, None)
     if run is not None and is_main_process:
         Path(checkpoint_dir, STATE_FILE).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
 
 
 @hookimpl
 def on_checkpoint_load(config: RunConfig, checkpoint_dir: str) -> None:
-    run = _RUNS.get(id(config))
+    run = config.stash.get(LISA, None)
     path = Path(checkpoint_dir, STATE_FILE)
     if run is None:
         return
@@ -241,13 +239,13 @@ class LisaState:
         }
 
 
-# The state of each run in this process, by run config; dropped with the model that holds it.
-_RUNS: weakref.WeakValueDictionary[int, LisaState] = weakref.WeakValueDictionary()
+# The run's LISA state, in its per-run store.
+LISA = StashKey["LisaState"]()
 
 
 def active_layers(config: RunConfig) -> list[int] | None:
     """The decoder layers being trained in the run of ``config`` (None when LISA is not used)."""
-    run = _RUNS.get(id(config))
+    run = config.stash.get(LISA, None)
     return None if run is None else list(run.active)
 
 
