@@ -306,33 +306,73 @@ def evaluate_command(**values: Any) -> None:
 @click.option(
     "--api-key",
     envvar="LMFLOW_API_KEY",
-    help="Require 'Authorization: Bearer KEY' on the API (or set LMFLOW_API_KEY).",
+    help="Require this key on everything but /health: 'Authorization: Bearer KEY' for the API, a sign-in form "
+    "for the chat page (or set LMFLOW_API_KEY).",
 )
 @click.option(
     "--max-new-tokens",
     type=click.IntRange(min=1),
-    default=512,
+    help="Cap on a request's max_tokens [default: none, up to the model's context].",
+)
+@click.option(
+    "--max-request-bytes",
+    type=click.IntRange(min=1024),
+    default=1024 * 1024,
     show_default=True,
-    help="Default and cap for max_tokens.",
+    help="Largest request body; larger ones get a 413.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300,
+    show_default=True,
+    help="Seconds a request may take, waiting included; the text so far is returned then.",
+)
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Most requests decoded together (continuous batching); 1 serves one request at a time.",
+)
+@click.option(
+    "--max-waiting",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Most requests waiting for the model; more get a 429.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=30,
+    show_default=True,
+    help="On SIGTERM, seconds to let the requests in flight finish.",
 )
 @click.option("--no-ui", is_flag=True, help="Serve the API only, without the chat page.")
 def serve_command(**values: Any) -> None:
     """Serve MODEL: a chat page at / and an OpenAI-compatible API at /v1.
 
-    POST /v1/chat/completions (with "stream": true as server-sent events) and GET /v1/models.
+    POST /v1/chat/completions (with "stream": true as server-sent events), GET /v1/models, GET /health.
+    Concurrent requests are decoded together. SIGTERM finishes the requests in flight, then exits.
     """
-    from .serve import check_port, run_server
+    from .serve import ServeSettings, check_port, run_server
 
     check_port(values["host"], values["port"])
     session = open_from_flags(values)
-    run_server(
-        session,
+    settings = ServeSettings(
         host=values["host"],
         port=values["port"],
         api_key=values["api_key"],
         max_new_tokens=values["max_new_tokens"],
+        max_request_bytes=values["max_request_bytes"],
+        request_timeout=values["request_timeout"],
+        max_batch_size=values["max_batch_size"],
+        max_waiting=values["max_waiting"],
+        shutdown_timeout=values["shutdown_timeout"],
         ui=not values["no_ui"],
     )
+    run_server(session, settings)
 
 
 __all__ = ["chat_command", "evaluate_command", "generate_command", "given", "serve_command"]

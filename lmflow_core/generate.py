@@ -113,34 +113,52 @@ def visible_text(
     return text.strip(), stopped
 
 
+class GenerationStopped(Exception):
+    """Raised inside a decoder (through its streamer) when the caller asks generation to stop."""
+
+
 class TextStream:
-    """A transformers-style streamer that turns generated tokens into visible text pieces for ``on_text``."""
+    """A transformers-style streamer that turns generated tokens into visible text pieces for ``on_text``.
+
+    With ``should_stop``, it is also the point where any decoder can be stopped: after each token it asks, and
+    raises :class:`GenerationStopped` when told to (the tokens so far stay in ``ids``).
+    """
 
     def __init__(
-        self, tokenizer: Any, prompt_length: int, stops: tuple[str, ...], on_text: Callable[[str], None]
+        self,
+        tokenizer: Any,
+        prompt_length: int,
+        stops: tuple[str, ...],
+        on_text: Callable[[str], None] | None,
+        should_stop: Callable[[], bool] | None = None,
     ):
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
         self.stops = stops
         self.specials = tuple(t for t in tokenizer.all_special_tokens if t)
         self.on_text = on_text
+        self.should_stop = should_stop
         self.ids: list[int] = []
         self.shown = ""
         self.skip_prompt = True
 
     def put(self, value: Any) -> None:
-        ids = value.reshape(-1).tolist()
+        ids = value.reshape(-1).tolist() if hasattr(value, "reshape") else list(value)
         if self.skip_prompt:  # model.generate passes the prompt first
             self.skip_prompt = False
             if len(ids) == self.prompt_length:
                 return
         self.ids.extend(ids)
         self._emit(final=False)
+        if self.should_stop is not None and self.should_stop():
+            raise GenerationStopped
 
     def end(self) -> None:
         self._emit(final=True)
 
     def _emit(self, final: bool) -> None:
+        if self.on_text is None:
+            return
         raw = self.tokenizer.decode(self.ids, skip_special_tokens=False)
         text, _ = visible_text(raw, self.stops, self.specials, final)
         if text.startswith(self.shown) and len(text) > len(self.shown):
@@ -193,19 +211,59 @@ def generate_text(
     of ``template`` is tokenized as training tokenizes it (Llama 2: turn by turn, as Meta's code does).
     """
     if template is not None:
-        import torch
-
-        input_ids = torch.tensor([encode_prompt(tokenizer, prompt, template)], dtype=torch.long)
+        ids = encode_prompt(tokenizer, prompt, template)
     else:
-        input_ids = tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
+        ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    return generate_from_ids(hook, model, tokenizer, ids, options, on_text, config)
+
+
+def generate_from_ids(
+    hook: Any,
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[int],
+    options: GenerationOptions,
+    on_text: Callable[[str], None] | None = None,
+    config: Any = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generation:
+    """Generate after prompt token ids through the ``decode`` hook, cutting at the stop strings.
+
+    ``should_stop`` is asked after every token (through the streamer every decoder feeds); when it answers
+    true, generation ends there with the tokens so far and finish reason ``"length"``.
+    """
+    import torch
+
+    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
     prompt_length = input_ids.shape[1]
-    stream = TextStream(tokenizer, prompt_length, options.stop_strings, on_text) if on_text else None
-    new_ids = generate_ids(hook, model, tokenizer, input_ids, options, stream, config).tolist()
+    stream = (
+        TextStream(tokenizer, prompt_length, options.stop_strings, on_text, should_stop)
+        if on_text or should_stop
+        else None
+    )
+    try:
+        new_ids = generate_ids(hook, model, tokenizer, input_ids, options, stream, config).tolist()
+    except GenerationStopped:
+        return finished_generation(tokenizer, stream.ids, options, prompt_length, stopped_early=True)
+    return finished_generation(tokenizer, new_ids, options, prompt_length)
+
+
+def finished_generation(
+    tokenizer: Any,
+    new_ids: list[int],
+    options: GenerationOptions,
+    prompt_length: int,
+    stopped_early: bool = False,
+) -> Generation:
+    """The :class:`Generation` for the new token ids: the visible text and why it ended."""
     raw = tokenizer.decode(new_ids, skip_special_tokens=False)
     specials = tuple(t for t in tokenizer.all_special_tokens if t)
     text, stopped = visible_text(raw, options.stop_strings, specials, final=True)
     ended = stopped or (tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new_ids)
-    finish = "stop" if ended or len(new_ids) < options.max_new_tokens else "length"
+    if stopped_early:
+        finish = "stop" if ended else "length"
+    else:
+        finish = "stop" if ended or len(new_ids) < options.max_new_tokens else "length"
     return Generation(text, new_ids, finish, prompt_length, dict(options.stats))
 
 
@@ -229,10 +287,27 @@ def reply(
 ) -> Generation:
     """The assistant's next message, decoded and cut at the template's end-of-turn markers."""
     prompt = chat_prompt(hook, template, conversation, tokenizer)
-    stops = template.stop_strings or ((tokenizer.eos_token,) if tokenizer.eos_token else ())
     return generate_text(
-        hook, model, tokenizer, prompt, options.with_stops(stops), on_text, config, template=template
+        hook,
+        model,
+        tokenizer,
+        prompt,
+        reply_options(template, tokenizer, options),
+        on_text,
+        config,
+        template=template,
     )
+
+
+def reply_options(template: Template, tokenizer: Any, options: GenerationOptions) -> GenerationOptions:
+    """``options`` with the template's end-of-turn markers (else the tokenizer's EOS) added as stop strings."""
+    stops = template.stop_strings or ((tokenizer.eos_token,) if tokenizer.eos_token else ())
+    return options.with_stops(stops)
+
+
+def reply_prompt_ids(hook: Any, template: Template, conversation: Conversation, tokenizer: Any) -> list[int]:
+    """The token ids :func:`reply` prompts the model with for ``conversation``."""
+    return encode_prompt(tokenizer, chat_prompt(hook, template, conversation, tokenizer), template)
 
 
 def run_in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:

@@ -17,6 +17,8 @@ Every error is a JSON body in OpenAI's shape: ``{"error": {"message", "type", "p
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import html
 import json
@@ -210,7 +212,30 @@ class Guard:
             return
         if self.api_routes and await self._unknown_api_route(scope, send):
             return
-        await self.app(scope, replay, send)
+        await self._pass(scope, replay, send)
+
+    async def _pass(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        """Hand the request to the application. When the server stops, it cancels what still runs (the chat
+        page's long-lived event streams): those responses are ended properly rather than reported as errors."""
+        state = {"started": False, "complete": False}
+
+        async def tracked(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                state["complete"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if not self.draining:
+                raise
+            with contextlib.suppress(Exception):
+                if not state["started"]:
+                    await send_error(send, 503, "the server is shutting down; retry after it restarts")
+                elif not state["complete"]:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _is_api(self, path: str) -> bool:
         prefixes = ("/gradio_api", *(self.api_routes[:1] if self.api_routes else ()))

@@ -1,36 +1,82 @@
 """``lmflow serve``: an OpenAI-compatible API and a chat page for one model.
 
 API (under ``/v1``): ``GET /v1/models`` and ``POST /v1/chat/completions``, with ``"stream": true`` answered as
-server-sent events (``chat.completion.chunk`` objects, then ``data: [DONE]``). Malformed requests get a 4xx
-JSON error in OpenAI's shape and the server keeps serving. With an API key, every ``/v1`` request needs
-``Authorization: Bearer KEY``. The chat page (Gradio) is mounted at ``/`` and uses the same generation path, so
-the page, the API and ``lmflow chat`` all prompt the model in the format it was trained with. One generation
-runs at a time: requests queue for the model.
+server-sent events (``chat.completion.chunk`` objects, then ``data: [DONE]``). The chat page (Gradio) is mounted
+at ``/`` and generates through the same engine, so the page, the API and ``lmflow chat`` all prompt the model in
+the format it was trained with.
+
+Everything a client can send is bounded and answered in OpenAI's error shape, never with a 500: the request
+size (:mod:`lmflow_core.http_guard`, 413), the prompt against the model's context (400
+``context_length_exceeded``), the time a request may take, the number of requests waiting (429). With an API key
+nothing but ``/health`` answers without it. Requests share the model through :class:`lmflow_core.batching.Engine`
+(continuous batching); a client that goes away stops its generation within one decoding step. On SIGTERM the
+server finishes the requests in flight (up to ``shutdown_timeout``), answers new ones with 503, and exits 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import queue
 import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from .batching import Busy, Cancelled, Engine, TimedOut
 from .errors import LmflowError
-from .generate import GenerationOptions, run_in_thread
-from .http_guard import Guard
-
-DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+from .generate import GenerationOptions, reply_options, reply_prompt_ids
+from .http_guard import Guard, error_body
 
 try:  # pydantic models are built at import time; this module is imported by `lmflow serve` only
-    from pydantic import BaseModel, ConfigDict, Field
+    import uvicorn
+    from fastapi import Request
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
 except ImportError as exc:  # pragma: no cover - pydantic comes with fastapi
     raise LmflowError(
         "lmflow serve needs fastapi, uvicorn and gradio", "pip install 'lmflow[serve]'"
     ) from exc
+
+
+@dataclass
+class ServeSettings:
+    """How ``lmflow serve`` serves; each field is the CLI flag of the same name.
+
+    Attributes:
+        host, port: where to listen (``127.0.0.1``: this machine only).
+        api_key: required on every route but ``/health`` when set.
+        max_new_tokens: cap on a request's ``max_tokens`` (``None``: up to the model's context).
+        max_request_bytes: the largest request body (413 beyond).
+        request_timeout: seconds a request may take, waiting included; its text so far is returned then
+            (finish reason ``"length"``).
+        max_batch_size: most requests decoded together (1: one at a time).
+        max_waiting: most requests waiting for a place in the batch (429 beyond).
+        shutdown_timeout: seconds SIGTERM waits for the requests in flight before cancelling them.
+        ui: serve the chat page at ``/``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_new_tokens: int | None = None
+    max_request_bytes: int = 1024 * 1024
+    request_timeout: float = 300.0
+    max_batch_size: int = 16
+    max_waiting: int = 256
+    shutdown_timeout: float = 30.0
+    ui: bool = True
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content in OpenAI's list form; text parts are read, others ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -38,12 +84,12 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
 
 
@@ -58,12 +104,31 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(default=None, max_length=4)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     n: int = Field(default=1, ge=1, le=1)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     tools: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _unicode_text(self) -> ChatRequest:
+        try:
+            json.dumps(self.model_dump(), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"the request holds text that is not valid Unicode ({exc.object[exc.start : exc.end]!a}, a lone "
+                "surrogate); send UTF-8 text"
+            ) from None
+        return self
+
+
+class RequestError(Exception):
+    """A request the server refuses: answered with ``status`` and an error in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
 def offline_gradio() -> Any:
@@ -87,68 +152,121 @@ def check_port(host: str, port: int) -> None:
             ) from exc
 
 
-def request_options(request: ChatRequest, default_max: int) -> GenerationOptions:
+def new_tokens_for(prompt_tokens: int, requested: int | None, context: int | None, cap: int | None) -> int:
+    """How many tokens a request may generate: what it asked for (or up to the context), within ``cap``.
+
+    Raises :class:`RequestError` (400, ``context_length_exceeded``) when the prompt and the requested tokens do
+    not fit in the model's context.
+    """
+    if context:
+        wanted = prompt_tokens + (requested or 1)
+        if wanted > context:
+            asked = f"{prompt_tokens} in the messages, {requested} in the completion" if requested else None
+            raise RequestError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested {wanted} "
+                f"tokens ({asked or f'{prompt_tokens} in the messages'}). Please reduce the length of the "
+                "messages" + (" or completion." if requested else "."),
+                param="messages",
+                code="context_length_exceeded",
+            )
+    room = requested or ((context - prompt_tokens) if context else (cap or 512))
+    return min(room, cap) if cap else room
+
+
+def request_options(request: ChatRequest, max_new_tokens: int) -> GenerationOptions:
     """GenerationOptions for a request: OpenAI's defaults (temperature 1 sampling), temperature 0 is greedy."""
     stops = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
-    limit = request.max_completion_tokens or request.max_tokens or default_max
     temperature = 1.0 if request.temperature is None else request.temperature
     return GenerationOptions(
-        max_new_tokens=min(limit, default_max),
+        max_new_tokens=max_new_tokens,
         greedy=temperature == 0,
         temperature=temperature or 1.0,
         top_k=0,
         top_p=request.top_p or 1.0,
-        stop_strings=stops,
+        stop_strings=tuple(s for s in stops if s),
         seed=request.seed,
     )
 
 
-def create_app(
-    session: Any,
-    api_key: str | None = None,
-    max_new_tokens: int = 512,
-    ui: bool = True,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-) -> Any:
-    """The FastAPI application serving ``session`` (a :class:`lmflow_core.inference.InferenceSession`)."""
-    from fastapi import FastAPI, Request
+class Server:
+    """What the routes and the page share: the session, the engine, the settings."""
+
+    def __init__(self, session: Any, settings: ServeSettings):
+        self.session = session
+        self.settings = settings
+        self.engine = Engine(session, settings.max_batch_size, settings.max_waiting)
+
+    def prepare(self, messages: list[dict[str, Any]], tools: Any, system: str | None = None) -> Any:
+        """The prompt ids of a conversation; raises :class:`RequestError` (400) for what the template refuses."""
+        from .templates import Conversation
+
+        session = self.session
+        try:
+            conversation = Conversation.from_messages(messages, system, tools=tools)
+            session.template.check(conversation)
+            return reply_prompt_ids(session.plugins.hook, session.template, conversation, session.tokenizer)
+        except Exception as exc:  # whatever a template raises about a conversation is the client's to fix
+            message = exc.one_line() if isinstance(exc, LmflowError) else str(exc) or type(exc).__name__
+            raise RequestError(400, f"messages: {message}", param="messages") from None
+
+    def submit(self, prompt_ids: list[int], options: GenerationOptions, **callbacks: Any) -> Any:
+        """Queue a generation; raises :class:`RequestError` 429 when too many requests wait."""
+        session = self.session
+        try:
+            return self.engine.submit(
+                prompt_ids,
+                reply_options(session.template, session.tokenizer, options),
+                timeout=self.settings.request_timeout,
+                **callbacks,
+            )
+        except Busy as exc:
+            raise RequestError(
+                429, f"the server is busy ({exc}); retry in a moment", code="rate_limit_exceeded"
+            ) from None
+
+
+def create_app(session: Any, settings: ServeSettings | None = None, server: Server | None = None) -> Any:
+    """The ASGI application serving ``session`` (a :class:`lmflow_core.inference.InferenceSession`): the API
+    and the chat page behind a :class:`lmflow_core.http_guard.Guard`."""
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from .templates import Conversation
-
+    settings = settings or ServeSettings()
+    server = server or Server(session, settings)
     app = FastAPI(title=f"lmflow: {session.name}", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
-    lock = threading.Lock()
+    app.state.lmflow = server
     created = int(time.time())
 
-    def error(
-        status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
-    ) -> Any:
-        return JSONResponse(
-            status_code=status,
-            content={"error": {"message": message, "type": kind, "param": param, "code": None}},
-        )
+    def error(status: int, message: str, param: str | None = None, code: str | None = None) -> Any:
+        return JSONResponse(status_code=status, content=error_body(status, message, param, code))
+
+    @app.exception_handler(RequestError)
+    async def refused(_request: Request, exc: RequestError) -> Any:
+        return error(exc.status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> Any:
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
-            return error(400, "the request body is not valid JSON")
+            return error(400, "the request body is not valid JSON; send a JSON chat request")
+        if first.get("type") == "model_attributes_type" and tuple(first.get("loc", ())) == ("body",):
+            return error(400, "the request body is not a JSON object; send a JSON chat request")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(
-            400,
-            f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request body",
-            param=where or None,
-        )
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return error(400, f"{where}: {message}" if where else message, param=where or None)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> Any:
-        return error(
-            exc.status_code,
-            str(exc.detail),
-            "not_found_error" if exc.status_code == 404 else "invalid_request_error",
-        )
+        if exc.status_code == 400:  # FastAPI could not read the body at all (e.g. bytes that are not UTF-8)
+            return error(400, "the request body is not valid JSON; send a JSON chat request")
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def failed(_request: Request, exc: Exception) -> Any:
+        return error(500, f"the server failed: {type(exc).__name__}: {exc}")
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -158,31 +276,41 @@ def create_app(
         }
 
     @app.post("/v1/chat/completions")
-    def chat_completions(request: ChatRequest) -> Any:
-        if request.model and request.model != session.name:
-            return error(
-                404,
-                f"model '{request.model}' is not served here; this server serves '{session.name}'",
-                "not_found_error",
-                "model",
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        if body.model and body.model != session.name:
+            raise RequestError(
+                404, f"model '{body.model}' is not served here; this server serves '{session.name}'", "model"
             )
         messages = [
             {"role": m.role, "content": m.text(), **({"tool_calls": m.tool_calls} if m.tool_calls else {})}
-            for m in request.messages
+            for m in body.messages
         ]
-        try:
-            conversation = Conversation.from_messages(messages, tools=request.tools)
-            session.template.check(conversation)
-        except (LmflowError, KeyError, TypeError, ValueError) as exc:
-            return error(400, f"messages: {exc}", param="messages")
-        options = request_options(request, max_new_tokens)
+        prompt_ids = server.prepare(messages, body.tools)
+        requested = body.max_completion_tokens or body.max_tokens
+        limit = new_tokens_for(len(prompt_ids), requested, session.context, settings.max_new_tokens)
+        options = request_options(body, limit)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        if request.stream:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = server.submit(
+            prompt_ids,
+            options,
+            on_text=(lambda piece: loop.call_soon_threadsafe(events.put_nowait, piece))
+            if body.stream
+            else None,
+            on_done=lambda: loop.call_soon_threadsafe(events.put_nowait, None),
+        )
+        if body.stream:
             return StreamingResponse(
-                _stream(session, lock, conversation, options, completion_id), media_type="text/event-stream"
+                _stream(session.name, job, events, completion_id), media_type="text/event-stream"
             )
-        with lock:
-            result = session.chat(conversation, options)
+        if not await _finished_or_gone(job, events, request):
+            return error(400, "the client closed the connection")  # nobody reads it
+        if isinstance(job.error, TimedOut):
+            raise RequestError(503, str(job.error))
+        if job.error is not None:
+            raise job.error
+        result = job.result
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -203,24 +331,41 @@ def create_app(
         }
 
     api_routes = [route for route in app.routes if getattr(route, "path", "").startswith("/v1")]
-    if ui:
+    if settings.ui:
         gr = offline_gradio()
         app = gr.mount_gradio_app(
             app,
-            chat_page(session, lock, max_new_tokens),
+            chat_page(server),
             path="/",
             run_history=False,
             max_file_size=1,  # nothing on the page uploads; the upload routes are refused anyway
             show_error=True,
         )
-    app.add_middleware(
-        Guard,
-        api_key=api_key,
-        max_request_bytes=max_request_bytes,
+    return Guard(
+        app,
+        api_key=settings.api_key,
+        max_request_bytes=settings.max_request_bytes,
         title=session.name,
         api_routes=("/v1", api_routes),
     )
-    return app
+
+
+async def _finished_or_gone(job: Any, events: asyncio.Queue, request: Any) -> bool:
+    """Wait for ``job``; if the client disconnects first, cancel it and return False."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    done = asyncio.ensure_future(events.get())
+    gone = asyncio.ensure_future(disconnected())
+    await asyncio.wait([done, gone], return_when=asyncio.FIRST_COMPLETED)
+    if done.done():
+        gone.cancel()
+        return True
+    done.cancel()
+    job.cancel()
+    return False
 
 
 def _chunk(completion_id: str, model: str, delta: dict[str, Any], finish: str | None = None) -> str:
@@ -234,31 +379,25 @@ def _chunk(completion_id: str, model: str, delta: dict[str, Any], finish: str | 
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-def _stream(
-    session: Any, lock: threading.Lock, conversation: Any, options: GenerationOptions, completion_id: str
-) -> Any:
-    """Server-sent events: the role, the text as it is generated, the finish reason, then [DONE]."""
-    pieces: queue.Queue = queue.Queue()
-    yield _chunk(completion_id, session.name, {"role": "assistant", "content": ""})
+async def _stream(model: str, job: Any, events: asyncio.Queue, completion_id: str) -> Any:
+    """Server-sent events: the role, the text as it is generated, the finish reason, then [DONE].
 
-    def work() -> Any:
-        with lock:
-            return session.chat(conversation, options, on_text=pieces.put)
-
-    thread, box = run_in_thread(work)
-    while thread.is_alive() or not pieces.empty():
-        try:
-            piece = pieces.get(timeout=0.05)
-        except queue.Empty:
-            continue
-        yield _chunk(completion_id, session.name, {"content": piece})
-    thread.join()
-    if "error" in box:
-        message = box["error"].one_line() if isinstance(box["error"], LmflowError) else repr(box["error"])
-        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
-    else:
-        yield _chunk(completion_id, session.name, {}, box["result"].finish_reason)
-    yield "data: [DONE]\n\n"
+    An error after the stream started is sent as an event in OpenAI's error shape. When the client goes away,
+    Starlette stops this generator and the job is cancelled.
+    """
+    try:
+        yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
+        while (piece := await events.get()) is not None:
+            yield _chunk(completion_id, model, {"content": piece})
+        if job.error is not None:
+            message = job.error.one_line() if isinstance(job.error, LmflowError) else str(job.error)
+            body = error_body(500, f"generation failed: {type(job.error).__name__}: {message}")
+            yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        else:
+            yield _chunk(completion_id, model, {}, job.result.finish_reason)
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # a no-op once the job is done
 
 
 def _history_text(content: Any) -> str:
@@ -272,11 +411,11 @@ def _history_text(content: Any) -> str:
     return ""
 
 
-def chat_page(session: Any, lock: threading.Lock, max_new_tokens: int) -> Any:
+def chat_page(server: Server) -> Any:
     """The Gradio chat page: multi-turn, streaming, with a system prompt and sampling controls."""
     gr = offline_gradio()
-
-    from .templates import Conversation
+    session, settings = server.session, server.settings
+    most = settings.max_new_tokens or session.context or 512
 
     def respond(
         message: str, history: list[dict[str, Any]], system: str, temperature: float, max_tokens: int
@@ -287,28 +426,26 @@ def chat_page(session: Any, lock: threading.Lock, max_new_tokens: int) -> Any:
             if m.get("role") in ("user", "assistant")
         ]
         messages.append({"role": "user", "content": message})
-        conversation = Conversation.from_messages(messages, system or None)
-        options = GenerationOptions(
-            max_new_tokens=int(max_tokens), greedy=temperature == 0, temperature=temperature or 1.0, top_k=0
-        )
-        pieces: queue.Queue = queue.Queue()
-
-        def work() -> Any:
-            with lock:
-                return session.chat(conversation, options, on_text=pieces.put)
-
-        thread, box = run_in_thread(work)
+        try:
+            prompt_ids = server.prepare(messages, None, system or None)
+            limit = new_tokens_for(len(prompt_ids), int(max_tokens), session.context, settings.max_new_tokens)
+            options = GenerationOptions(
+                max_new_tokens=limit, greedy=temperature == 0, temperature=temperature or 1.0, top_k=0
+            )
+            pieces: queue.Queue = queue.Queue()
+            job = server.submit(prompt_ids, options, on_text=pieces.put, on_done=lambda: pieces.put(None))
+        except RequestError as exc:
+            raise gr.Error(exc.message) from None
         text = ""
-        while thread.is_alive() or not pieces.empty():
-            try:
-                text += pieces.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            yield text
-        thread.join()
-        if "error" in box:
-            raise gr.Error(str(box["error"]))
-        yield box["result"].text
+        try:
+            while (piece := pieces.get()) is not None:
+                text += piece
+                yield text
+        finally:
+            job.cancel()  # the page went away (or the job is done: then a no-op)
+        if job.error is not None and not isinstance(job.error, Cancelled):
+            raise gr.Error(str(job.error))
+        yield job.result.text
 
     with gr.Blocks(title=f"lmflow: {session.name}", analytics_enabled=False) as page:
         gr.Markdown(
@@ -316,9 +453,7 @@ def chat_page(session: Any, lock: threading.Lock, max_new_tokens: int) -> Any:
         )
         system = gr.Textbox(label="System prompt", placeholder="Optional", render=False)
         temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)", render=False)
-        max_tokens = gr.Slider(
-            1, max_new_tokens, value=min(256, max_new_tokens), step=1, label="Max new tokens", render=False
-        )
+        max_tokens = gr.Slider(1, most, value=min(256, most), step=1, label="Max new tokens", render=False)
         gr.ChatInterface(
             respond,
             analytics_enabled=False,
@@ -332,26 +467,69 @@ def chat_page(session: Any, lock: threading.Lock, max_new_tokens: int) -> Any:
     return page
 
 
-def run_server(
-    session: Any,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_new_tokens: int = 512,
-    ui: bool = True,
-) -> None:
-    """Serve until interrupted."""
-    import uvicorn
-
+def make_server(session: Any, settings: ServeSettings) -> Any:
+    """A uvicorn server for ``session`` that drains on SIGTERM/SIGINT (see :class:`DrainingServer`)."""
     if session.template is None:
         raise LmflowError(
             f"model {session.config.model} has no conversation template",
             "pass --template NAME (see `lmflow templates list`)",
         )
-    app = create_app(session, api_key=api_key, max_new_tokens=max_new_tokens, ui=ui)
-    where = f"http://{host}:{port}"
+    server = Server(session, settings)
+    app = create_app(session, settings, server)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=1
+    )
+    return DrainingServer(config, server, app)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with a graceful stop: on the first SIGTERM or SIGINT new requests get 503, the requests
+    in flight finish (at most ``shutdown_timeout`` seconds, then they are cancelled) and the process exits 0;
+    a second signal stops at once."""
+
+    def __init__(self, config: Any, server: Server, guard: Guard):
+        super().__init__(config)
+        self.lmflow = server
+        self.guard = guard
+        self.drain_thread: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.drain_thread is not None:  # the second signal
+            self.lmflow.engine.cancel_all()
+            self.should_exit = self.force_exit = True
+            return
+        self.guard.draining = True
+        self.drain_thread = threading.Thread(target=self._drain, name="lmflow-drain", daemon=True)
+        self.drain_thread.start()
+
+    def _drain(self) -> None:
+        engine = self.lmflow.engine
+        deadline = time.monotonic() + self.lmflow.settings.shutdown_timeout
+        while engine.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine.close()
+        time.sleep(0.2)  # let the last responses leave
+        # What still runs now is the chat page's idle event streams: uvicorn cancels them after
+        # timeout_graceful_shutdown, which is expected here, not an error to report.
+        logging.getLogger("uvicorn.error").setLevel(logging.CRITICAL)
+        self.should_exit = True
+
+
+def run_server(session: Any, settings: ServeSettings) -> None:
+    """Serve until SIGTERM or Ctrl-C (then drain and return)."""
+    server = make_server(session, settings)
+    where = f"http://{settings.host}:{settings.port}"
+    mode = (
+        f"batches up to {settings.max_batch_size} requests"
+        if server.lmflow.engine.batched
+        else "one request at a time"
+    )
     print(
-        f"lmflow serve | {session.name} | template {session.template_name} | chat page {where}/ | API {where}/v1",
+        f"lmflow serve | {session.name} | template {session.template_name} | {mode} | chat page {where}/ | "
+        f"API {where}/v1",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server.run()
+
+
+__all__ = ["ServeSettings", "check_port", "create_app", "make_server", "run_server"]

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def server(chat_model, proxy):
     port = free_port()
     process = start_server(chat_model, port, "--api-key", KEY, "--max-new-tokens", "24", proxy_url=proxy.url)
     base = f"http://127.0.0.1:{port}"
-    yield base, port
+    yield base, port, process
     if process.poll() is None:
         process.terminate()
         process.wait(timeout=30)
@@ -346,3 +347,11 @@ def test_nothing_leaves_the_machine(server, proxy, client, chat_model):
     )
     time.sleep(1)
     assert proxy.requests == []
+
+
+def test_sigterm_stops_the_server_with_exit_status_0(server):
+    process = server[2]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, process.stdout.read()
+    output = process.stdout.read()
+    assert "Traceback" not in output, output
