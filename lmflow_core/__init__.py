@@ -50,6 +50,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "model_source": ("defaults", "model_source"),
     "load_default_tokenizer": ("defaults", "load_default_tokenizer"),
     "load_model_config": ("models", "load_model_config"),
+    "load_pretrained": ("loading", "load_pretrained"),
+    "LoadedModel": ("loading", "LoadedModel"),
     "model_context_length": ("models", "model_context"),
     "is_adapter": ("models", "is_adapter"),
     "adapter_base": ("models", "adapter_base"),
@@ -71,6 +73,7 @@ if TYPE_CHECKING:
     from .hookspecs import StepContext
     from .inputs import read_input_text
     from .launch import free_port
+    from .loading import LoadedModel, load_pretrained
     from .models import (
         ADAPTER_CONFIG,
         RUN_RECORD,
@@ -133,6 +136,8 @@ __all__ = [
     "model_source",
     "load_default_tokenizer",
     "load_model_config",
+    "load_pretrained",
+    "LoadedModel",
     "model_context_length",
     "is_adapter",
     "adapter_base",

@@ -1,7 +1,9 @@
 """An inference session: a loaded model, its tokenizer, its template and the plugins that decode with it.
 
 ``lmflow generate``, ``chat``, ``serve`` and ``evaluate`` all open one. The model may be a hub id, a model
-directory or a PEFT adapter directory (its base model is loaded and the adapter applied). The template comes
+directory or a PEFT adapter directory (its base model is loaded and the adapter applied). The model and its
+tokenizer are loaded through the loading hooks, in the order ``lmflow run`` calls them
+(:func:`lmflow_core.loading.load_for_inference`). The template comes
 from ``--template``, else from the record lmflow stored with the model, else the tokenizer's own chat template.
 
     from lmflow_core.inference import open_session
@@ -16,19 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, resolve_plugin_options
-from .errors import ConfigError, LmflowError
+from .config import RunConfig
+from .errors import LmflowError
 from .generate import Generation, GenerationOptions, generate_text, reply
-from .models import (
-    adapter_base,
-    is_adapter,
-    load_model_config,
-    model_context,
-    pick_device,
-    pick_dtype,
-    stored_run,
-)
-from .plugins import RunPlugins, select_plugins
+from .models import model_context, pick_device, pick_dtype, stored_run
+from .plugins import RunPlugins
 from .templates import Conversation, Template, get_template
 
 
@@ -118,53 +112,41 @@ def open_session(
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         dtype: ``auto`` (bfloat16 on a GPU that has it, else float32), ``float32``, ``bfloat16``, ``float16``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import sys
 
-    from .defaults import ensure_pad_token
-    from .report import quiet_libraries
+    from .loading import inference_config, load_for_inference
+    from .report import Reporter, quiet_libraries, reporting
 
     quiet_libraries()
-    extra = list(extra_plugins.items()) if isinstance(extra_plugins, dict) else list(extra_plugins)
-    run_plugins = select_plugins(list(plugins), extra)
-    config = RunConfig(
-        model=model, template=template, plugins=list(run_plugins.names), trust_remote_code=trust_remote_code
+    device = pick_device(device)
+    dtype_name = str(pick_dtype(dtype, device)).removeprefix("torch.")
+    config, run_plugins = inference_config(
+        model,
+        template=template,
+        plugins=plugins,
+        plugin_options=plugin_options,
+        extra_plugins=extra_plugins,
+        model_dtype=dtype_name,
+        trust_remote_code=trust_remote_code,
     )
-    config.plugin_options = {k: dict(v) for k, v in (plugin_options or {}).items()}
-    problems = resolve_plugin_options(config, run_plugins.options)
-    if not problems:
-        for found in run_plugins.hook.validate_config(config=config):
-            problems.extend(found or [])
-    if problems:
-        raise ConfigError.collect(problems, "inference settings")
-
-    model_config = load_model_config(model, trust_remote_code)
     record = stored_run(model)
     template_name = template or record.get("template")
     chosen = get_template(template_name) if template_name else None
-    device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, device)
 
-    base = adapter_base(model) if is_adapter(model) else model
-    tokenizer_source = model if (Path(model) / "tokenizer_config.json").is_file() else base
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise LmflowError(
-            f"cannot load a tokenizer from '{tokenizer_source}'", "check the model directory"
-        ) from exc
-    ensure_pad_token(tokenizer)
-    if chosen is None and getattr(tokenizer, "chat_template", None):
-        template_name, chosen = "tokenizer", get_template("tokenizer")
-
-    loaded = AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch_dtype, trust_remote_code=trust_remote_code
-    )
-    if base != model:
-        from peft import PeftModelForCausalLM
-
-        loaded = PeftModelForCausalLM.from_pretrained(loaded, model)
-    loaded.to(device).eval()
-    run_plugins.hook.prepare_inference(config=config, model=loaded, tokenizer=tokenizer)
+    # A plugin's notes go to stderr: stdout carries what generate, chat and evaluate print.
+    with reporting(Reporter(stream=sys.stderr)):
+        loaded = load_for_inference(config, run_plugins, device=device)
+        tokenizer = loaded.tokenizer
+        if chosen is None and getattr(tokenizer, "chat_template", None):
+            template_name, chosen = "tokenizer", get_template("tokenizer")
+        run_plugins.hook.prepare_inference(config=config, model=loaded.model, tokenizer=tokenizer)
     return InferenceSession(
-        config, run_plugins, loaded, tokenizer, chosen, template_name, model_context(model_config), record
+        config,
+        run_plugins,
+        loaded.model,
+        tokenizer,
+        chosen,
+        template_name,
+        model_context(loaded.model_config),
+        record,
     )

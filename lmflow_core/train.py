@@ -23,8 +23,9 @@ from .config import RunConfig, build_config, core_fields, load_config_file, reso
 from .errors import ConfigError, LmflowError
 from .evaluation import evaluate_hooks
 from .hookspecs import StepContext
-from .models import RUN_RECORD, accelerator_available, block_size_for, load_model_config, stored_run
-from .plugins import RunPlugins, call_each, fold, parse_plugin_names, select_plugins
+from .loading import model_config_for, tokenizer_for, weights_for
+from .models import RUN_RECORD, accelerator_available, block_size_for, stored_run
+from .plugins import RunPlugins, fold, parse_plugin_names, select_plugins
 from .report import Reporter, format_duration, quiet_libraries
 from .rundir import (
     FINAL_STAGING,
@@ -183,15 +184,14 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     if plan.note:
         report.note(plan.note)
 
-    # 2. Tokenizer and data.
-    tokenizer = hook.load_tokenizer(config=config)
+    # 2. Tokenizer and data (loading steps as every command takes them: lmflow_core.loading).
+    tokenizer = tokenizer_for(config, run_plugins)
     train_data, eval_data, data_stats = _prepare_data(
         config, run_plugins, tokenizer, template, block_size, train_raw, eval_raw, report
     )
 
     # 3. Model.
-    init_kwargs = _merged_init_kwargs(run_plugins, config)
-    model = hook.load_model(config=config, model_config=model_config, init_kwargs=init_kwargs)
+    model = weights_for(config, run_plugins, model_config)  # model_init_kwargs, then load_model
     model = fold(hook.prepare_model, "model", config=config, model=model, tokenizer=tokenizer)
     _check_vocabulary(model, data_stats)
     report.model(model)
@@ -301,8 +301,7 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
                 f"{raw.files[0]} holds conversations, which need a template",
                 "pass --template NAME (see `lmflow templates list`)",
             )
-    model_config = _load_model_config(config)
-    hook.configure_model(config=config, model_config=model_config)
+    model_config = model_config_for(config, run_plugins)  # configure_model included
     _check_packing(config, model_config)
     block_size = block_size_for(config, model_config, stored.get("block_size"))
     return CheckedRun(plan, template_name, template, train_raw, eval_raw, model_config, block_size)
@@ -317,12 +316,6 @@ def _wait_for_everyone() -> None:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _load_model_config(config: RunConfig) -> Any:
-    from .defaults import model_source
-
-    return load_model_config(model_source(config), config.trust_remote_code)
 
 
 def _prepare_data(
@@ -415,20 +408,6 @@ def _formatter_fingerprint(run_plugins: RunPlugins) -> str:
             identity = os.urandom(8).hex()
         parts.append(f"{impl.plugin_name}={identity}")
     return ",".join(parts)
-
-
-def _merged_init_kwargs(run_plugins: RunPlugins, config: RunConfig) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    owner: dict[str, str] = {}
-    for plugin, kwargs in call_each(run_plugins.hook.model_init_kwargs, config=config):
-        for key, value in (kwargs or {}).items():
-            if key in merged and merged[key] != value:
-                raise LmflowError(
-                    f"plugins '{owner[key]}' and '{plugin}' set the model argument '{key}' differently",
-                    "run with only one of them",
-                )
-            merged[key], owner[key] = value, plugin
-    return merged
 
 
 def _check_vocabulary(model: Any, data_stats: dict[str, Any]) -> None:

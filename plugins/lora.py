@@ -41,6 +41,7 @@ from lmflow_core import (
     hookimpl,
     is_adapter,
     load_model_config,
+    load_pretrained,
     model_source,
     move_into_place,
     quiet_libraries,
@@ -348,6 +349,7 @@ def merge_lora(
     overwrite: bool = False,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    plugins: list[str] | tuple[str, ...] = (),
 ) -> Path:
     """Fold a LoRA adapter into its base model and write a plain model directory (``peft``'s
     ``merge_and_unload``).
@@ -362,6 +364,8 @@ def merge_lora(
         output: the directory to write; an existing non-empty one is refused unless ``overwrite``.
         dtype: dtype the base is loaded and merged in; ``auto`` keeps the dtype its weights are stored in.
         trust_remote_code: allow model code from the hub repository to run.
+        plugins: installed plugins whose loading hooks (``load_tokenizer``, ``configure_model``,
+            ``model_init_kwargs``, ``load_model``) load the base, as for ``lmflow generate``.
 
     Returns: the output directory.
 
@@ -387,7 +391,7 @@ def merge_lora(
     check_replaceable(output_dir, overwrite)
     load_model_config(base, trust_remote_code, option="--base")  # a missing base fails before anything loads
 
-    merged, tokenizer = _merged_model(base, adapter_dir, dtype, trust_remote_code)
+    merged, tokenizer = _merged_model(base, adapter_dir, dtype, trust_remote_code, list(plugins))
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{output_dir.name}-", dir=output_dir.parent))
     try:
@@ -405,40 +409,22 @@ def merge_lora(
     return output_dir
 
 
-def _merged_model(base: str, adapter_dir: Path, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _merged_model(
+    base: str, adapter_dir: Path, dtype: str, trust_remote_code: bool, plugins: list[str]
+) -> tuple[Any, Any]:
+    """The base loaded through the loading hooks (of the core and of ``plugins``), the adapter applied and
+    merged in; the tokenizer as inference loads it (``None`` when neither adapter nor base has one)."""
     quiet_libraries()
-    model = AutoModelForCausalLM.from_pretrained(
-        base, dtype="auto" if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code
+    loaded = load_pretrained(
+        str(adapter_dir),
+        base=base,
+        plugins=plugins,
+        device="cpu",
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        tokenizer_optional=True,
     )
-    try:
-        with _quiet_peft():
-            adapted = PeftModel.from_pretrained(model, str(adapter_dir))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise LmflowError(
-            f"adapter {adapter_dir} does not fit the base model {base}: {_shortened(exc)}",
-            "pass --base the model the adapter was trained on",
-        ) from exc
-    merged = adapted.merge_and_unload()
-    tokenizer_source = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        if tokenizer_source == str(adapter_dir):
-            raise LmflowError(
-                f"cannot load the tokenizer in {adapter_dir}", "check the adapter directory's tokenizer files"
-            ) from exc
-        tokenizer = None  # a base without tokenizer files: the merged model has none either
-    return merged, tokenizer
-
-
-def _shortened(exc: Exception, limit: int = 160) -> str:
-    """The first line of an error, cut to ``limit`` characters (peft lists every module it could not find)."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+    return loaded.model.merge_and_unload(), loaded.tokenizer
 
 
 @hookimpl
@@ -461,8 +447,19 @@ def register_commands(cli: click.Group) -> None:
     @click.option(
         "--trust-remote-code", is_flag=True, help="Allow model code from the hub repository to run."
     )
+    @click.option(
+        "--plugins",
+        default="",
+        help="Comma-separated plugins whose loading hooks load the base (with their default options).",
+    )
     def merge_lora_command(
-        adapter: str, base: str | None, output: str, overwrite: bool, dtype: str, trust_remote_code: bool
+        adapter: str,
+        base: str | None,
+        output: str,
+        overwrite: bool,
+        dtype: str,
+        trust_remote_code: bool,
+        plugins: str,
     ) -> None:
         """Merge a LoRA adapter into its base model and write a plain model directory.
 
@@ -470,6 +467,12 @@ def register_commands(cli: click.Group) -> None:
         template it was trained with.
         """
         written = merge_lora(
-            base, adapter, output, overwrite=overwrite, dtype=dtype, trust_remote_code=trust_remote_code
+            base,
+            adapter,
+            output,
+            overwrite=overwrite,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            plugins=parse_names(plugins),
         )
         click.echo(f"wrote {written}: {base or adapter_base(adapter)} with the adapter {adapter} merged in")
