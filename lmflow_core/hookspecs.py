@@ -148,6 +148,12 @@ def validate_config(config: RunConfig) -> list[str] | None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Model: tokenizer, model configuration, weights, and wrapping
+#
+# Every command that loads a model (run, generate, chat, serve, evaluate, merge-lora; open_session and
+# load_pretrained in Python) calls the four loading hooks in one order, through lmflow_core.loading:
+# configure_model, load_tokenizer, model_init_kwargs, load_model. For a PEFT adapter directory they load its base
+# (``config.model`` names the base) and the core applies the adapter to what load_model returned.
+# prepare_model is training only; prepare_inference adjusts a model loaded for inference.
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -155,8 +161,10 @@ def validate_config(config: RunConfig) -> list[str] | None:
 def load_tokenizer(config: RunConfig) -> PreTrainedTokenizerBase | None:
     """Load the tokenizer for the run.
 
-    When: after validation, before data is tokenized. The core default loads ``config.tokenizer`` (or the
-    model's) with ``AutoTokenizer`` and gives it a pad token if it has none.
+    When: in every command that loads a model, after ``configure_model``; in a run before data is tokenized.
+    The core default loads ``config.tokenizer`` (or the model's) with ``AutoTokenizer`` and gives it a pad
+    token if it has none. For an adapter directory ``config.tokenizer`` is the adapter's tokenizer when it has
+    one.
 
     Args:
         config: the run's :class:`lmflow_core.RunConfig`.
@@ -171,8 +179,9 @@ def load_tokenizer(config: RunConfig) -> PreTrainedTokenizerBase | None:
 def configure_model(config: RunConfig, model_config: PretrainedConfig) -> None:
     """Change the model's ``PretrainedConfig`` before its weights are loaded.
 
-    When: after the configuration is read from the model directory or hub, before ``load_model``. Changes
-    made here are saved with the output model (e.g. RoPE scaling, attention implementation).
+    When: in every command that loads a model, first: after the configuration is read from the model
+    directory or hub, before ``load_tokenizer`` and ``load_model``. Changes made here are saved with the output
+    model (e.g. RoPE scaling, attention implementation).
 
     Args:
         config: the run configuration.
@@ -186,8 +195,9 @@ def configure_model(config: RunConfig, model_config: PretrainedConfig) -> None:
 def model_init_kwargs(config: RunConfig) -> dict[str, Any] | None:
     """Contribute keyword arguments for ``from_pretrained`` / ``from_config``.
 
-    When: just before ``load_model``. Use it for ``attn_implementation``, ``quantization_config``,
-    ``device_map`` and the like.
+    When: in every command that loads a model, just before ``load_model``. Use it for
+    ``attn_implementation``, ``quantization_config``, ``device_map`` and the like. In the inference commands
+    ``config.model_dtype`` is the ``--dtype`` chosen (``auto`` resolved).
 
     Args:
         config: the run's :class:`lmflow_core.RunConfig`.
@@ -205,9 +215,12 @@ def load_model(
 ) -> PreTrainedModel | None:
     """Create the model.
 
-    When: after ``configure_model`` and ``model_init_kwargs``. The core default calls
-    ``AutoModelForCausalLM.from_pretrained`` (or ``from_config`` with a seeded random initialisation when
-    ``config.random_init`` is set). The bundled demo loads its saved, seeded initial weights like any model.
+    When: in every command that loads a model, after ``configure_model`` and ``model_init_kwargs``. The core
+    default calls ``AutoModelForCausalLM.from_pretrained`` (or ``from_config`` with a seeded random
+    initialisation when ``config.random_init`` is set). The bundled demo loads its saved, seeded initial
+    weights like any model. For a PEFT adapter directory ``config.model`` is its base, and the core puts the
+    adapter on the model returned here; an inference command then moves the model to its device (unless it
+    has an ``hf_device_map``) and puts it in eval mode.
 
     Args:
         config: the run's :class:`lmflow_core.RunConfig`.
@@ -226,7 +239,8 @@ def prepare_model(
 ) -> PreTrainedModel | None:
     """Transform the loaded model before training: wrap it in adapters, freeze layers, resize embeddings.
 
-    When: after ``load_model``, before the trainer is built.
+    When: after ``load_model``, before the trainer is built; ``lmflow run`` only (a model loaded for inference
+    is adjusted in ``prepare_inference``).
 
     Args:
         config: the run's :class:`lmflow_core.RunConfig`.
@@ -464,7 +478,8 @@ def prepare_inference(config: RunConfig, model: PreTrainedModel, tokenizer: PreT
     """Get ready to generate with a model loaded by an inference command (load a draft model, warm caches).
 
     When: once, after ``lmflow generate``, ``chat``, ``serve`` or ``evaluate`` (or the Python
-    ``open_session``) has loaded the model, before the first request. State a plugin needs later belongs on
+    ``open_session``) has loaded the model through the loading hooks (and applied an adapter), before the
+    first request; the place to adjust a model loaded for inference. State a plugin needs later belongs on
     the model object (e.g. ``model.lmflow_draft``), so that every loaded model has its own.
 
     Args:
