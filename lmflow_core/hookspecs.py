@@ -40,6 +40,14 @@ if TYPE_CHECKING:
 PROJECT = "lmflow"
 hookspec = pluggy.HookspecMarker(PROJECT)
 
+# How the core calls each hook that pluggy's own loop does not combine. Fold hooks pass a value from one plugin
+# to the next (lmflow_core.plugins.fold); per-plugin hooks keep each plugin's result apart, to merge or check
+# them (lmflow_core.plugins.call_each). The core calls their implementations one at a time, so a wrapper
+# (``hookimpl(wrapper=True)``) cannot run around them: it is refused when the plugin is registered. Every other
+# hook is called by pluggy (first result or all results) and supports wrappers.
+FOLD_HOOKS = frozenset({"prepare_model", "prepare_dataset", "wrap_optimizer"})
+PER_PLUGIN_HOOKS = frozenset({"declare_options", "declare_conflicts", "model_init_kwargs", "evaluate"})
+
 
 @dataclass
 class StepContext:

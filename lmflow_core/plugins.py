@@ -96,7 +96,22 @@ def register_plugin(pm: pluggy.PluginManager, plugin: object, name: str) -> None
         pm.register(plugin, name=name)
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin '{name}' implements a hook wrongly: {exc}", "fix the plugin") from exc
-    unknown = [caller.name for caller in pm.get_hookcallers(plugin) or [] if not caller.has_spec()]
+    callers = pm.get_hookcallers(plugin) or []
+    wrapped = [
+        caller.name
+        for caller in callers
+        if caller.name in hookspecs.FOLD_HOOKS | hookspecs.PER_PLUGIN_HOOKS
+        and any(impl.plugin is plugin and (impl.wrapper or impl.hookwrapper) for impl in caller.get_hookimpls())
+    ]
+    if wrapped:
+        pm.unregister(plugin)
+        kind = "fold" if wrapped[0] in hookspecs.FOLD_HOOKS else "per-plugin"
+        raise PluginError(
+            f"plugin '{name}' implements {wrapped[0]} as a wrapper, but {wrapped[0]} is a {kind} hook whose "
+            "implementations lmflow calls one by one",
+            "drop wrapper=True: take the value as an argument and return the new one",
+        )
+    unknown = [caller.name for caller in callers if not caller.has_spec()]
     if unknown:
         pm.unregister(plugin)
         known = hook_names()
@@ -307,6 +322,8 @@ def call_each(caller: Any, **kwargs: Any) -> list[tuple[str, Any]]:
 
     For hooks whose results are combined per plugin (merged dicts that must not collide, per-plugin options).
     """
+    if caller.name not in hookspecs.PER_PLUGIN_HOOKS:
+        raise RuntimeError(f"{caller.name} is not a per-plugin hook (hookspecs.PER_PLUGIN_HOOKS)")
     trace = bool(os.environ.get(TRACE_ENV))
     results = []
     for impl in call_order(caller):
@@ -324,6 +341,8 @@ def fold(caller: Any, value_arg: str, **kwargs: Any) -> Any:
         value_arg: the argument that carries the value from one implementation to the next.
         kwargs: all the hook's arguments, ``value_arg`` included (its initial value).
     """
+    if caller.name not in hookspecs.FOLD_HOOKS:
+        raise RuntimeError(f"{caller.name} is not a fold hook (hookspecs.FOLD_HOOKS)")
     trace = bool(os.environ.get(TRACE_ENV))
     for impl in call_order(caller):
         if trace:

@@ -51,7 +51,6 @@ from lmflow_core import (
     check_output_apart,
     check_replaceable,
     hookimpl,
-    load_default_tokenizer,
     model_source,
     move_into_place,
     note,
@@ -766,10 +765,11 @@ def validate_config(config: RunConfig) -> list[str]:
     return problems
 
 
-@hookimpl
+@hookimpl(wrapper=True)
 def load_tokenizer(config: RunConfig) -> Any:
-    """Load ``--tokenizer`` and check, before any model loads, that it extends the model's own tokenizer."""
-    tokenizer = load_default_tokenizer(config)
+    """Check, before any model loads, that the tokenizer the run loads (``--tokenizer``, by the core's loader or
+    a plugin's) extends the model's own tokenizer."""
+    tokenizer = yield
     base = model_tokenizer(config)
     check_extends(base, tokenizer, config.tokenizer)
     new = len(tokenizer) - len(base)

@@ -165,3 +165,49 @@ def test_plugins_command_lists_name_version_source_and_hooks(runner):
     rows = json.loads(invoke(runner, "plugins", "--json").output)
     row = next(r for r in rows if r["name"] == "templates")
     assert row == {**row, "version": "0.1.0", "source": "built-in", "hooks": ["register_templates"]}
+
+
+@pytest.mark.parametrize("hook", ["prepare_model", "wrap_optimizer", "model_init_kwargs", "evaluate"])
+def test_a_wrapper_on_a_hook_the_core_calls_one_by_one_is_refused_at_registration(hook):
+    """pluggy's wrappers do not run around fold/per-plugin hooks: a wrapper would hand back a generator."""
+    with pytest.raises(PluginError) as caught:
+        select_plugins([], extra=[("wrapping", _with_spec_arguments(hook))])
+    assert f"plugin 'wrapping' implements {hook} as a wrapper" in str(caught.value)
+    assert "Drop wrapper=True" in str(caught.value)
+
+
+def _with_spec_arguments(hook: str) -> object:
+    """A plugin whose ``hook`` is a wrapper taking the hook's first argument."""
+    from lmflow_core import hookspecs
+
+    first = [a for a in hookspecs.__dict__[hook].__code__.co_varnames][0]
+    namespace: dict = {}
+    exec(f"def {hook}({first}):\n    return (yield)\n", namespace)
+    return types.SimpleNamespace(__name__="wrapping", **{hook: hookimpl(wrapper=True)(namespace[hook])})
+
+
+def test_a_wrapper_on_a_first_result_hook_wraps_the_core_default(tiny_llama):
+    """E.g. a plugin adjusting the tokenizer the default loader returns, without importing that loader."""
+
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def load_tokenizer(self, config):
+            tokenizer = yield
+            tokenizer.lmflow_wrapped = True
+            return tokenizer
+
+    from lmflow_core import RunConfig
+
+    run_plugins = select_plugins([], extra=[("wrapping", Wrapping())])
+    tokenizer = run_plugins.hook.load_tokenizer(config=RunConfig(model=str(tiny_llama)))
+    assert tokenizer.lmflow_wrapped and tokenizer.vocab_size > 0
+
+
+def test_fold_and_call_each_are_only_for_their_hooks():
+    run_plugins = select_plugins([])
+    with pytest.raises(RuntimeError, match="not a fold hook"):
+        fold(run_plugins.hook.load_model, "model", config=None, model_config=None, init_kwargs={})
+    from lmflow_core.plugins import call_each
+
+    with pytest.raises(RuntimeError, match="not a per-plugin hook"):
+        call_each(run_plugins.hook.prepare_model, config=None, model=None, tokenizer=None)
