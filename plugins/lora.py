@@ -3,7 +3,8 @@
 The base model is frozen and small low-rank matrices are trained next to its linear layers (by default every
 linear layer of the decoder blocks, peft's ``all-linear``). The run's output directory is a peft adapter
 directory: ``PeftModel.from_pretrained(base, output)`` loads it, and ``lmflow generate/chat/serve/evaluate``
-accept it directly; ``lmflow merge-lora`` folds the adapter into a plain model directory.
+accept it directly (the base loads through the loading hooks, then the adapter); ``lmflow merge-lora`` folds the
+adapter into a plain model directory, its base loaded the same way (``--plugins`` adds plugins' loaders).
 
     lmflow run --model M --dataset D --plugins lora --lora-rank 16
     lmflow merge-lora --adapter output --output merged
