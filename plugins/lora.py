@@ -19,14 +19,11 @@ model without saved weights) is reported before the model's weights are loaded.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -289,19 +286,10 @@ def prepare_model(config: RunConfig, model: Any, tokenizer: Any) -> Any:
         )
     # The adapters' random initialisation is a function of --seed, whatever ran before in this process.
     set_seed(config.seed)
-    with _quiet_peft():
-        peft_model = get_peft_model(model, lora_config(options))
+    peft_model = get_peft_model(model, lora_config(options))  # its deprecation notice: see quiet_libraries
     # get_peft_model names the base as the model reports it; name what the user gave, resolved.
     peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_reference(model_source(config))
     return peft_model
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """peft asks the model for ``is_gradient_checkpointing``, which transformers 5 deprecates noisily."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 @hookimpl
