@@ -52,6 +52,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "load_model_config": ("models", "load_model_config"),
     "load_pretrained": ("loading", "load_pretrained"),
     "LoadedModel": ("loading", "LoadedModel"),
+    "open_session": ("inference", "open_session"),
     "model_context_length": ("models", "model_context"),
     "is_adapter": ("models", "is_adapter"),
     "adapter_base": ("models", "adapter_base"),
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
     from .hookspecs import StepContext
     from .inputs import read_input_text
     from .launch import free_port
+    from .inference import open_session
     from .loading import LoadedModel, load_pretrained
     from .models import (
         ADAPTER_CONFIG,
@@ -138,6 +140,7 @@ __all__ = [
     "load_model_config",
     "load_pretrained",
     "LoadedModel",
+    "open_session",
     "model_context_length",
     "is_adapter",
     "adapter_base",
