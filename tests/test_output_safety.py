@@ -15,6 +15,13 @@ from test_run import assert_clean_failure
 from lmflow_core import hookimpl, run
 
 
+def tiny_run(model: Path, data: Path, out: Path, **settings) -> dict:
+    """Settings of a short run of the tiny model on the chat data into ``out``."""
+    return dict(
+        model=str(model), dataset=str(data), template="chatml", output_dir=str(out), batch_size=4, **settings
+    )
+
+
 def tree_hashes(root: Path) -> dict[str, str]:
     """Every file and directory under ``root`` with the sha256 of its content (directories: '<dir>')."""
     out = {}
@@ -86,15 +93,7 @@ class _MetricsWriter:
 
 def test_what_a_plugin_wrote_is_the_runs_and_is_replaced_by_overwrite(tiny_llama, chat_data, tmp_path):
     out = tmp_path / "out"
-    settings = dict(
-        model=str(tiny_llama),
-        dataset=str(chat_data),
-        template="chatml",
-        output_dir=str(out),
-        max_steps=2,
-        batch_size=4,
-        save_steps=0,
-    )
+    settings = tiny_run(tiny_llama, chat_data, out, max_steps=2, save_steps=0)
     run(**settings, extra_plugins={"metrics": _MetricsWriter()})
     assert "metrics.csv" in json.loads((out / "lmflow_run.json").read_text())["outputs"]
     assert len((out / "metrics.csv").read_text().splitlines()) == 2
@@ -172,15 +171,7 @@ def test_checkpoint_rotation_deletes_only_checkpoints(tiny_llama, chat_data, tmp
     import shutil
 
     out = tmp_path / "out"
-    settings = dict(
-        model=str(tiny_llama),
-        dataset=str(chat_data),
-        template="chatml",
-        output_dir=str(out),
-        batch_size=4,
-        save_steps=1,
-        save_total_limit=1,
-    )
+    settings = tiny_run(tiny_llama, chat_data, out, save_steps=1, save_total_limit=1)
     run(**settings, max_steps=1)
     shutil.copytree(out / "checkpoint-1", out / "checkpoint-1-good")
     before = tree_hashes(out / "checkpoint-1-good")
@@ -196,14 +187,7 @@ def test_the_final_save_never_replaces_a_users_file_of_the_same_name(
     from lmflow_core.train import LmflowTrainer
 
     out = tmp_path / "out"
-    settings = dict(
-        model=str(tiny_llama),
-        dataset=str(chat_data),
-        template="chatml",
-        output_dir=str(out),
-        batch_size=4,
-        save_steps=1,
-    )
+    settings = tiny_run(tiny_llama, chat_data, out, save_steps=1)
     run(**settings, max_steps=1)
     # A user's README.md beside the run, and a save that writes one too (as peft's adapter save does).
     (out / "README.md").write_text("my notes")
