@@ -428,7 +428,10 @@ def chat_page(server: Server) -> Any:
         messages.append({"role": "user", "content": message})
         try:
             prompt_ids = server.prepare(messages, None, system or None)
-            limit = new_tokens_for(len(prompt_ids), int(max_tokens), session.context, settings.max_new_tokens)
+            wanted = int(max_tokens)
+            if session.context and len(prompt_ids) < session.context:  # the slider is a wish: fit it in
+                wanted = min(wanted, session.context - len(prompt_ids))
+            limit = new_tokens_for(len(prompt_ids), wanted, session.context, settings.max_new_tokens)
             options = GenerationOptions(
                 max_new_tokens=limit, greedy=temperature == 0, temperature=temperature or 1.0, top_k=0
             )
@@ -524,9 +527,10 @@ def run_server(session: Any, settings: ServeSettings) -> None:
         if server.lmflow.engine.batched
         else "one request at a time"
     )
+    page = f"chat page {where}/ | " if settings.ui else ""
+    key = " (key required)" if settings.api_key else ""
     print(
-        f"lmflow serve | {session.name} | template {session.template_name} | {mode} | chat page {where}/ | "
-        f"API {where}/v1",
+        f"lmflow serve | {session.name} | template {session.template_name} | {mode} | {page}API {where}/v1{key}",
         flush=True,
     )
     server.run()

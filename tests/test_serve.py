@@ -79,7 +79,9 @@ def start_server(model, port: int, *args: str, proxy_url: str | None = None) -> 
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
             return process
         except OSError:
-            assert time.monotonic() < deadline, "the server did not come up"
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the server did not come up:\n{process.communicate()[0]}")
             time.sleep(0.5)
 
 
