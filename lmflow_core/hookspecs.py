@@ -513,7 +513,9 @@ def decode(
     """Generate tokens after a prompt.
 
     When: for every generation (run samples, and the inference commands). The core default calls
-    ``model.generate`` with the options (greedy or sampling, stop strings, end-of-turn tokens).
+    ``model.generate`` with the options (greedy or sampling, stop strings, end-of-turn tokens). ``lmflow serve``
+    batches concurrent requests with its own decoding loop while no plugin implements this hook; when one does,
+    the server calls the hook for each request, one at a time.
 
     Args:
         config: the run's or the inference session's settings (plugin options), or ``None``.

@@ -460,6 +460,7 @@ def chat_page(server: Server) -> Any:
         gr.ChatInterface(
             respond,
             analytics_enabled=False,
+            concurrency_limit=settings.max_batch_size,  # page users share the model as API clients do
             additional_inputs=[system, temperature, max_tokens],
             additional_inputs_accordion="Settings",
             textbox=gr.Textbox(

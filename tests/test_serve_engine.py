@@ -136,6 +136,11 @@ def test_a_prompt_beyond_the_context_is_a_400_context_length_exceeded(session):
     with serving(session) as server:
         error = assert_openai_error(*request(server.base, long), 400, f"maximum context length is {context}")
         assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+        # a 200 KB message is refused at once, not decoded
+        started = time.monotonic()
+        status, body = request(server.base, chat("word " * 40_000))
+        assert_openai_error(status, body, 400, "maximum context length")
+        assert time.monotonic() - started < 5
         # the prompt fits, the prompt plus max_tokens does not
         status, body = request(server.base, chat("What is 2 plus 1?", max_tokens=context))
         error = assert_openai_error(status, body, 400, "in the completion")
