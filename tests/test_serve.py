@@ -319,7 +319,10 @@ def test_the_chat_page_answers_in_a_real_browser(server, chat_model, tmp_path):
             ],
         )
         page = browser.new_page(viewport={"width": 1000, "height": 800})
-        page.goto(server[0] + "/", wait_until="domcontentloaded")
+        page.goto(server[0] + "/", wait_until="domcontentloaded")  # the server has a key: sign in first
+        assert page.url.endswith("/login?next=/")
+        page.fill("#key", KEY)
+        page.click("button[type=submit]")
         page.wait_for_selector("#lmflow-input textarea", timeout=60_000)
         assert f"lmflow chat: {chat_model.name}" in page.inner_text("body")
         assert page.inner_text("body").count("Settings") == 2  # the settings accordion and the footer link
