@@ -31,6 +31,7 @@ from .batching import Busy, Cancelled, Engine, TimedOut
 from .errors import LmflowError
 from .generate import GenerationOptions, reply_options, reply_prompt_ids
 from .http_guard import Guard, error_body
+from .report import note
 
 try:  # pydantic models are built at import time; this module is imported by `lmflow serve` only
     import uvicorn
@@ -534,6 +535,11 @@ def run_server(session: Any, settings: ServeSettings) -> None:
         f"lmflow serve | {session.name} | template {session.template_name} | {mode} | {page}API {where}/v1{key}",
         flush=True,
     )
+    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        note(
+            f"serving on {settings.host} without a key: anyone who can reach this machine can use the model and "
+            "the chat page; pass --api-key KEY (or set LMFLOW_API_KEY)"
+        )
     server.run()
 
 

@@ -172,6 +172,13 @@ def raw_exchange(base: str, head: bytes, body_parts) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body)
 
 
+def test_max_new_tokens_caps_every_request(session):
+    with serving(session, max_new_tokens=5) as server:
+        for body in (chat("What is 2 plus 1?"), chat("What is 2 plus 1?", max_tokens=100)):
+            status, payload = request(server.base, body)
+            assert status == 200 and payload["usage"]["completion_tokens"] <= 5, payload
+
+
 def test_a_body_over_the_limit_is_a_413_before_it_is_read(session):
     with serving(session, max_request_bytes=64 * 1024) as server:
         started = time.monotonic()
@@ -433,3 +440,18 @@ def test_a_plugin_decoder_is_used_one_request_at_a_time(chat_model):
         assert not server.lmflow.engine.batched
         assert request(server.base, chat("hi", max_tokens=3))[0] == 200
     assert Decoder.calls == 1
+
+
+def test_serving_beyond_this_machine_without_a_key_is_pointed_out(session, monkeypatch, capsys):
+    from lmflow_core import serve
+    from lmflow_core.report import Reporter, reporting
+
+    monkeypatch.setattr(serve.DrainingServer, "run", lambda self: self.lmflow.engine.close())
+    with reporting(Reporter()):  # as the CLI prints notes (a run earlier in this process set its own)
+        serve.run_server(session, serve.ServeSettings(host="0.0.0.0", port=free_port(), ui=False))
+    out = "".join(capsys.readouterr())
+    assert "note: serving on 0.0.0.0 without a key" in out and "pass --api-key KEY" in out
+    serve.run_server(session, serve.ServeSettings(host="0.0.0.0", port=free_port(), ui=False, api_key="k"))
+    serve.run_server(session, serve.ServeSettings(port=free_port(), ui=False))
+    out = "".join(capsys.readouterr())
+    assert "without a key" not in out and "(key required)" in out
