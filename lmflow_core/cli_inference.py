@@ -337,7 +337,7 @@ def evaluate_command(**values: Any) -> None:
 )
 @click.option(
     "--max-waiting",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=1),
     default=256,
     show_default=True,
     help="Most requests waiting for the model; more get a 429.",
