@@ -247,29 +247,8 @@ class Row:
         if not job.options.greedy and job.options.seed is not None:
             self.generator = torch.Generator(device="cpu")
             self.generator.manual_seed(job.options.seed % 2**64)
-        self.processors = _processors(job.options)
+        self.processors = job.options.logits_processors()
         self.finish: str | None = None
-
-
-def _processors(options: GenerationOptions) -> list[Any]:
-    from transformers import (
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    processors: list[Any] = []
-    if options.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
-    if not options.greedy:
-        if options.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(options.temperature))
-        if options.top_k:
-            processors.append(TopKLogitsWarper(options.top_k))
-        if options.top_p < 1.0:
-            processors.append(TopPLogitsWarper(options.top_p))
-    return processors
 
 
 class Batch:

@@ -61,6 +61,30 @@ class GenerationOptions:
             kwargs.update(stop_strings=list(self.stop_strings), tokenizer=tokenizer)
         return kwargs
 
+    def logits_processors(self) -> Any:
+        """The transformers ``LogitsProcessorList`` these options apply to next-token scores, as
+        ``model.generate`` would (repetition penalty; temperature, top-k, top-p when sampling): for decoders that
+        pick tokens themselves."""
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        processors: list[Any] = []
+        if self.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if not self.greedy:
+            if self.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                processors.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(self.top_p))
+        return LogitsProcessorList(processors)
+
     def with_stops(self, stops: tuple[str, ...]) -> GenerationOptions:
         """A copy with more stop strings (duplicates dropped, order kept)."""
         merged = tuple(dict.fromkeys((*self.stop_strings, *stops)))

@@ -122,26 +122,8 @@ class _Distribution:
     """Turns logits into the next token's distribution exactly as ``model.generate`` would."""
 
     def __init__(self, options: GenerationOptions):
-        from transformers import (
-            LogitsProcessorList,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
         self.greedy = options.greedy
-        processors: list[Any] = []
-        if options.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
-        if not options.greedy:
-            if options.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(options.temperature))
-            if options.top_k:
-                processors.append(TopKLogitsWarper(options.top_k))
-            if options.top_p < 1.0:
-                processors.append(TopPLogitsWarper(options.top_p))
-        self.processors = LogitsProcessorList(processors)
+        self.processors = options.logits_processors()
 
     def scores(self, history: Any, logits: Any) -> Any:
         return self.processors(history, logits.float().unsqueeze(0))[0] if self.processors else logits.float()
