@@ -9,6 +9,7 @@ base model (a LoRA adapter, merge-lora, generate/chat/serve on the adapter) find
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -32,6 +33,7 @@ def lmflow_home() -> Path:
     return Path(os.environ.get("LMFLOW_CACHE") or Path.home() / ".cache" / "lmflow")
 
 
+@functools.cache  # model_source asks several times a run; the assets and versions do not change meanwhile
 def _fingerprint(seed: int) -> str:
     import torch
     import transformers
