@@ -134,6 +134,11 @@ class RunConfig:
         False, "Recompute activations in the backward pass to save memory.", "Training"
     )
     dataloader_workers: int = opt(0, "Worker processes that load batches.", "Training", min=0)
+    group_by_length: bool = opt(
+        False,
+        "Batch examples of similar length together: less padding, faster steps (order shuffled in groups).",
+        "Training",
+    )
 
     # Checkpoints and logging
     logging_steps: int = opt(10, "Log the loss every N optimizer steps.", "Checkpoints and logging", min=1)

@@ -493,6 +493,12 @@ def _training_kwargs(config: RunConfig, has_eval: bool) -> dict[str, Any]:
     }
     if config.optimizer:
         kwargs["optim"] = config.optimizer
+    if config.group_by_length:
+        # transformers 5 names it train_sampling_strategy; 4.x had the group_by_length flag.
+        if "train_sampling_strategy" in fields:
+            kwargs["train_sampling_strategy"] = "group_by_length"
+        else:
+            kwargs["group_by_length"] = True
     return kwargs
 
 

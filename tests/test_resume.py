@@ -281,3 +281,82 @@ def test_a_run_killed_at_its_end_resumes_to_exactly_the_uninterrupted_run(
     record = json.loads((out / "lmflow_run.json").read_text())
     assert record["status"] == "completed" and record["result"]["global_step"] == 12
     assert_same_weights(expected, out / "model.safetensors")
+
+
+def varied_conversations(n: int) -> list[dict]:
+    """Conversations of very different lengths, so that grouping them by length changes the padding."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"Count to {i % 9 + 1}."},
+                {"role": "assistant", "content": " ".join(str(k) for k in range((i * 7) % 23 + 1))},
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+class PaddingMeter:
+    """A plugin that counts the padded and the real tokens of every training batch (core collator inside)."""
+
+    def __init__(self):
+        self.padded = self.real = 0
+
+    @staticmethod
+    def _inner(config, tokenizer):
+        from lmflow_core.defaults import PaddingCollator
+
+        return PaddingCollator(tokenizer)
+
+    def data_collator(self, config, tokenizer):
+        inner = self._inner(config, tokenizer)
+
+        def collate(features):
+            batch = inner(features)
+            self.padded += batch["input_ids"].numel()
+            self.real += int(batch["attention_mask"].sum())
+            return batch
+
+        return collate
+
+
+def test_group_by_length_pads_less_and_resumes_to_the_same_weights(tiny_llama, tmp_path):
+    from conftest import write_json
+
+    from lmflow_core import hookimpl, run
+
+    PaddingMeter.data_collator = hookimpl(PaddingMeter.data_collator)
+    data = write_json(tmp_path / "chat.json", {"type": "conversation", "instances": varied_conversations(64)})
+    settings = dict(
+        model=str(tiny_llama),
+        dataset=str(data),
+        template="chatml",
+        batch_size=4,
+        learning_rate=3e-3,
+        lr_scheduler="constant",
+        logging_steps=1,
+        save_steps=5,
+    )
+    plain, grouped = PaddingMeter(), PaddingMeter()
+    run(**settings, output_dir=str(tmp_path / "plain"), max_steps=16, extra_plugins={"meter": plain})
+    run(
+        **settings,
+        output_dir=str(tmp_path / "grouped"),
+        max_steps=16,
+        group_by_length=True,
+        extra_plugins={"meter": grouped},
+    )
+    assert plain.real == grouped.real  # the same examples, one epoch each...
+    assert grouped.padded < 0.85 * plain.padded, (grouped.padded, plain.padded)  # ...with less padding
+
+    # Stopped after step 5 and resumed: the same weights as the run that went straight to step 16.
+    run(**settings, output_dir=str(tmp_path / "halves"), max_steps=5, group_by_length=True)
+    run(
+        **settings,
+        output_dir=str(tmp_path / "resumed"),
+        max_steps=16,
+        group_by_length=True,
+        resume=str(tmp_path / "halves" / "checkpoint-5"),
+    )
+    expected = load_file(str(tmp_path / "grouped" / "model.safetensors"))
+    assert_same_weights(expected, tmp_path / "resumed" / "model.safetensors")

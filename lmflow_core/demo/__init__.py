@@ -120,6 +120,7 @@ def demo_settings(plugins: list[str] = (), given: dict[str, Any] | None = None) 
         "lr_scheduler": "cosine",
         "warmup": 0.05,
         "batch_size": 16,
+        "group_by_length": True,
         "block_size": 256,
         "logging_steps": 10,
         "save_steps": 150,
