@@ -72,9 +72,9 @@ if TYPE_CHECKING:
     from .files import check_output_apart, check_replaceable, move_into_place, write_output_record
     from .generate import GenerationOptions
     from .hookspecs import StepContext
+    from .inference import open_session
     from .inputs import read_input_text
     from .launch import free_port
-    from .inference import open_session
     from .loading import LoadedModel, load_pretrained
     from .models import (
         ADAPTER_CONFIG,

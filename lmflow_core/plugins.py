@@ -101,7 +101,9 @@ def register_plugin(pm: pluggy.PluginManager, plugin: object, name: str) -> None
         caller.name
         for caller in callers
         if caller.name in hookspecs.FOLD_HOOKS | hookspecs.PER_PLUGIN_HOOKS
-        and any(impl.plugin is plugin and (impl.wrapper or impl.hookwrapper) for impl in caller.get_hookimpls())
+        and any(
+            impl.plugin is plugin and (impl.wrapper or impl.hookwrapper) for impl in caller.get_hookimpls()
+        )
     ]
     if wrapped:
         pm.unregister(plugin)

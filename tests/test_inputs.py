@@ -83,7 +83,9 @@ def test_a_fifo_dataset_is_refused_at_once(runner, tmp_path, command):
     elapsed = time.monotonic() - start
     one_line_error(result, f"dataset {path} is a named pipe (FIFO), not a regular file")
     assert result.exit_code == 2
-    assert elapsed < 5.0, f"refused after {elapsed:.2f} s"  # a hang is forever; 5 s leaves room for a busy machine
+    assert elapsed < 5.0, (
+        f"refused after {elapsed:.2f} s"
+    )  # a hang is forever; 5 s leaves room for a busy machine
     assert not (tmp_path / "out").exists()
 
 
