@@ -40,8 +40,11 @@ def lmflow_imports(path: Path) -> list[tuple[int, str, list[str]]]:
 
 def test_the_sources_checked_include_every_plugin_and_example():
     names = {path.name for path in PLUGIN_SOURCES}
-    assert {"lora.py", "vocab_extension.py", "templates.py", "lmflow_csv_logger.py"} <= names
+    assert {"lora.py", "templates.py", "lmflow_csv_logger.py"} <= names
     assert {"lmflow_acme_template.py"} <= names
+    package = REPO / "plugins" / "vocab_extension"
+    assert set(package.glob("*.py")) <= set(PLUGIN_SOURCES)
+    assert {"__init__.py", "commands.py"} <= {path.name for path in package.glob("*.py")}
 
 
 @pytest.mark.parametrize("path", PLUGIN_SOURCES, ids=lambda p: str(p.relative_to(REPO)))
@@ -117,7 +120,11 @@ def test_importing_lmflow_core_does_not_load_torch_or_transformers():
 def test_the_light_public_names_and_the_builtin_plugins_load_no_heavy_library():
     """Every installed plugin is imported at CLI start (register_commands): what a plugin imports at its top
     (note, the helpers, the template types...) must not load torch or transformers."""
-    plugins = sorted(p.stem for p in (REPO / "plugins").glob("*.py") if p.stem != "__init__")
+    plugins = sorted(
+        [p.stem for p in (REPO / "plugins").glob("*.py") if p.stem != "__init__"]
+        + [p.parent.name for p in (REPO / "plugins").glob("*/__init__.py")]
+    )
+    assert "vocab_extension" in plugins
     code = f"from lmflow_core import {', '.join(lmflow_core.__all__)}\n" + "".join(
         f"import lmflow_plugins.{name}\n" for name in plugins
     )
