@@ -15,10 +15,9 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, DataError, LmflowError, PluginError
+from .hookspecs import hookimpl
 from .options import PluginOption
-from .plugins import hookimpl
-
-__version__ = "0.1.0"
+from .version import __version__
 
 # Public name -> (module, name there). A public name may differ from the module's own (``model_context`` reads
 # as a context object). None of them is a hook implementation: a plugin importing one must not register it.
@@ -38,6 +37,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Segment": ("templates", "Segment"),
     "render_text": ("templates", "render_text"),
     "tojson": ("templates", "tojson"),
+    "get_template": ("catalog", "get_template"),
+    "available_templates": ("catalog", "available_templates"),
     # generation
     "GenerationOptions": ("generate", "GenerationOptions"),
     # reading inputs, writing outputs
@@ -67,6 +68,7 @@ _LAZY: dict[str, tuple[str, str]] = {
 }
 
 if TYPE_CHECKING:
+    from .catalog import available_templates, get_template
     from .config import RunConfig
     from .defaults import load_default_tokenizer, model_source
     from .files import check_output_apart, check_replaceable, move_into_place, write_output_record
@@ -126,6 +128,8 @@ __all__ = [
     "Segment",
     "render_text",
     "tojson",
+    "get_template",
+    "available_templates",
     # generation
     "GenerationOptions",
     # reading inputs, writing outputs

@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 
-from . import __version__
 from .config import RunConfig, core_fields, load_config_file
 from .errors import LmflowError
 from .plugins import parse_plugin_names
+from .version import __version__
 
 DEBUG_KEY = "lmflow.debug"
 PLUGIN_PARAMS_KEY = "lmflow.plugin_params"
@@ -369,12 +369,12 @@ def data_check(
     Every record is checked (a malformed one is reported with its file and index), then tokenized exactly as
     `lmflow run` would: counts, token lengths, trained tokens, and how many examples the block size truncates.
     """
+    from .catalog import get_template
     from .data import load_raw_dataset, tokenize_dataset
     from .defaults import model_source
     from .models import block_size_for, load_model_config, stored_run
     from .plugins import select_plugins
     from .report import Reporter, quiet_libraries, reporting
-    from .templates import get_template
 
     quiet_libraries()
     # The model `lmflow run --dataset PATH` would train (the bundled demo without --model), and its block size
@@ -443,7 +443,7 @@ def templates_group() -> None:
 @debug_option
 def templates_list() -> None:
     """List the available templates."""
-    from .templates import available_templates
+    from .catalog import available_templates
 
     templates = available_templates()
     width = max(map(len, templates), default=0)
@@ -488,7 +488,8 @@ tokenizer_option = click.option(
 @debug_option
 def templates_show(name: str, system: str, tokenizer: str | None) -> None:
     """Render an example conversation with template NAME; trained text is shown in [[double brackets]]."""
-    from .templates import Conversation, get_template
+    from .catalog import get_template
+    from .templates import Conversation
 
     template = get_template(name)
     click.echo(f"{template.name}: {template.description}")
@@ -522,7 +523,8 @@ def templates_render(
     name: str, messages_file: str, add_generation_prompt: bool, tokenizer: str | None
 ) -> None:
     """Write exactly the text template NAME renders for a conversation, and nothing else."""
-    from .templates import Conversation, get_template, render_text
+    from .catalog import get_template
+    from .templates import Conversation, render_text
 
     template = get_template(name)
     conversation = Conversation.from_file(messages_file)

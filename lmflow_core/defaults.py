@@ -6,11 +6,14 @@ They are ``trylast``: a selected plugin that returns a value for a first-result 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .data.collate import PaddingCollator
 from .errors import LmflowError
-from .plugins import hookimpl
-from .templates import Segment
+from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from .templates import Segment
 
 
 def model_source(config: Any) -> str:
@@ -89,23 +92,6 @@ def format_conversation(
     template: Any, conversation: Any, add_generation_prompt: bool, tokenizer: Any
 ) -> list[Segment]:
     return template.render(conversation, add_generation_prompt, tokenizer)
-
-
-MODEL_COLUMNS = ("input_ids", "labels", "attention_mask")
-
-
-class PaddingCollator:
-    """Pads ``input_ids`` with the pad token and ``labels`` with -100; other columns are left to plugins."""
-
-    def __init__(self, tokenizer: Any):
-        from transformers import DataCollatorForSeq2Seq
-
-        self.pad = DataCollatorForSeq2Seq(
-            tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt"
-        )
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.pad([{k: f[k] for k in MODEL_COLUMNS if k in f} for f in features])
 
 
 @hookimpl(trylast=True)

@@ -47,7 +47,7 @@ def check_output_apart(output_dir: Path, inputs: list[str | os.PathLike], flag: 
 def write_output_record(staging: Path, command: str) -> None:
     """Record in a finished staging directory that lmflow wrote it, and which entries (``lmflow_output.json``):
     what ``--overwrite`` may later replace."""
-    from . import __version__
+    from .version import __version__
 
     outputs = sorted(name for name in os.listdir(staging) if name != OUTPUT_RECORD)
     record = {"lmflow_version": __version__, "command": command, "outputs": outputs}

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 PROJECT = "lmflow"
 hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
 
 # How the core calls each hook that pluggy's own loop does not combine. Fold hooks pass a value from one plugin
 # to the next (lmflow_core.plugins.fold); per-plugin hooks keep each plugin's result apart, to merge or check

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .catalog import get_template
 from .config import RunConfig
 from .errors import LmflowError
 from .generate import Generation, GenerationOptions, generate_text, reply
 from .models import model_context, pick_device, pick_dtype, stored_run
 from .plugins import RunPlugins
-from .templates import Conversation, Template, get_template
+from .templates import Conversation, Template
 
 
 @dataclass

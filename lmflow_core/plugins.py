@@ -29,7 +29,7 @@ DISTRIBUTION = "lmflow"
 TRACE_ENV = "LMFLOW_TRACE_HOOKS"
 CORE_PLUGIN = "core"
 
-hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
+hookimpl = hookspecs.hookimpl
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,12 @@ Kept apart from :mod:`lmflow_core.report` so that printing a note does not load 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from .report import Reporter
+if TYPE_CHECKING:
+    from .report import Reporter
 
 
 class ProgressReporter(TrainerCallback):

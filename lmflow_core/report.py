@@ -92,7 +92,7 @@ class Reporter:
     def header(
         self, config: Any, run_plugins: Any, model: str, template: str | None, block_size: int
     ) -> None:
-        from . import __version__
+        from .version import __version__
 
         plugins = ", ".join(f"{p['name']} {p['version']}" for p in run_plugins.versions()) or "none"
         source = (

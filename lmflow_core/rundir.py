@@ -8,16 +8,24 @@ else in the directory belongs to the user: ``--overwrite`` then refuses and name
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .models import RUN_RECORD, read_json
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .plugins import RunPlugins
 
 RUN_CONFIG = "run_config.yaml"
 STAGING_PREFIX = ".staging-"
@@ -305,3 +313,60 @@ def atomic_write(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes the run directory (rank 0, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class RunRecorder:
+    """Writes ``lmflow_run.json`` and ``run_config.yaml`` (main process only, atomically).
+
+    The record says the directory is an lmflow run, which template and block size later commands use, and
+    which entries the run wrote (``outputs``: all that ``--overwrite`` may delete). ``run_config.yaml`` holds
+    the settings that define the run, so ``lmflow run --config out/run_config.yaml --output-dir other`` repeats
+    it (how this run was started, ``--resume``/``--overwrite``, is left out).
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        config: RunConfig,
+        run_plugins: RunPlugins,
+        template: str | None,
+        block_size: int,
+        outputs: OutputTracker,
+    ) -> None:
+        self.output_dir, self.config, self.run_plugins = output_dir, config, run_plugins
+        self.template, self.block_size, self.outputs = template, block_size, outputs
+        if "tensorboard" in config.report_to.split(","):
+            outputs.add(["runs"])  # transformers' TensorBoard logs go to <output_dir>/runs
+
+    def write(self, status: str, result: Any = None) -> None:
+        if not is_main_process():
+            return
+        import yaml
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in self.config.to_dict().items() if k not in ("resume", "overwrite")}
+        record = {
+            "lmflow_version": __version__,
+            "status": status,
+            "template": self.template,
+            "block_size": self.block_size,
+            "plugins": self.run_plugins.versions(),
+            "config": settings,
+            "outputs": self.outputs.listed(),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if result is not None:
+            record["result"] = result.to_dict()
+        atomic_write(self.output_dir / RUN_RECORD, json.dumps(record, indent=2, default=_json_default) + "\n")
+        atomic_write(self.output_dir / RUN_CONFIG, yaml.safe_dump(settings, sort_keys=False))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)

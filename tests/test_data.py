@@ -8,10 +8,10 @@ import pytest
 from conftest import conversations, invoke, write_json
 from transformers import AutoTokenizer
 
+from lmflow_core.catalog import get_template
 from lmflow_core.data import load_raw_dataset, tokenize_dataset
 from lmflow_core.demo import demo_model_dir
 from lmflow_core.errors import DataError
-from lmflow_core.templates import get_template
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ from conftest import conversations, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmflow_core import defaults
+from lmflow_core.catalog import get_template
 from lmflow_core.data import load_raw_dataset, tokenize_dataset
 from lmflow_core.generate import GenerationOptions, generate_ids, reply
 from lmflow_core.plugins import select_plugins
-from lmflow_core.templates import Conversation, get_template
+from lmflow_core.templates import Conversation
 
 
 def test_default_decode_equals_greedy_generate(tiny_llama):

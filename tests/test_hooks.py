@@ -507,7 +507,7 @@ def test_hook_decode_is_used_for_samples(recorded_run):
 
 def test_hook_register_templates_adds_a_template_usable_by_name(monkeypatch):
     from lmflow_core import plugins as plugins_module
-    from lmflow_core.templates import available_templates, get_template
+    from lmflow_core.catalog import available_templates, get_template
 
     extra = TurnTemplate(name="bracket", user="[{content}]", assistant="{content}!")
     module = types.SimpleNamespace(register_templates=hookimpl(lambda: [extra]))
@@ -591,8 +591,8 @@ def test_every_hook_has_a_readme_section():
 
 
 def test_tokenization_cache_key_follows_the_code_of_python_plugin_objects():
+    from lmflow_core.data.pipeline import formatter_fingerprint
     from lmflow_core.plugins import select_plugins
-    from lmflow_core.train import _formatter_fingerprint
 
     def plain(conversation):
         return None
@@ -600,13 +600,13 @@ def test_tokenization_cache_key_follows_the_code_of_python_plugin_objects():
     def shouting(conversation):
         return [Segment("X", trained=True)]
 
-    first = _formatter_fingerprint(
+    first = formatter_fingerprint(
         select_plugins([], extra=[("fmt", types.SimpleNamespace(format_conversation=hookimpl(plain)))])
     )
-    again = _formatter_fingerprint(
+    again = formatter_fingerprint(
         select_plugins([], extra=[("fmt", types.SimpleNamespace(format_conversation=hookimpl(plain)))])
     )
-    other = _formatter_fingerprint(
+    other = formatter_fingerprint(
         select_plugins([], extra=[("fmt", types.SimpleNamespace(format_conversation=hookimpl(shouting)))])
     )
     assert first == again and first != other

@@ -13,9 +13,10 @@ import torch
 from conftest import conversations, invoke, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lmflow_core.catalog import get_template
 from lmflow_core.generate import GenerationOptions, TextStream, visible_text
 from lmflow_core.inference import open_session
-from lmflow_core.templates import Conversation, get_template, render_text
+from lmflow_core.templates import Conversation, render_text
 
 LMFLOW = Path(sys.executable).with_name("lmflow")
 

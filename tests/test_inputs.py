@@ -15,11 +15,12 @@ from contextlib import contextmanager
 import pytest
 from conftest import conversations, invoke, write_json
 
+from lmflow_core.catalog import get_template
 from lmflow_core.config import load_config_file
 from lmflow_core.data import load_raw_dataset, tokenize_dataset
 from lmflow_core.errors import ConfigError, DataError, LmflowError
 from lmflow_core.report import Reporter
-from lmflow_core.templates import Conversation, TemplateError, get_template
+from lmflow_core.templates import Conversation, TemplateError
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux (pipes, /proc)")
 

@@ -184,7 +184,7 @@ def test_the_final_save_never_replaces_a_users_file_of_the_same_name(
     tiny_llama, chat_data, tmp_path, monkeypatch
 ):
     from lmflow_core.errors import LmflowError
-    from lmflow_core.train import LmflowTrainer
+    from lmflow_core.trainer import LmflowTrainer
 
     out = tmp_path / "out"
     settings = tiny_run(tiny_llama, chat_data, out, save_steps=1)

@@ -225,13 +225,13 @@ def killed_run(tiny_llama, data, out, killer: str) -> subprocess.CompletedProces
 KILLERS = {
     # Killed with the final model complete in .staging-final, before any file is moved into place.
     "final-staged": (
-        "import lmflow_core.train as train\n"
-        "real = train.fsync_tree\n"
+        "import lmflow_core.trainer as trainer\n"
+        "real = trainer.fsync_tree\n"
         "def fsync_tree(path):\n"
         "    real(path)\n"
         "    if str(path).endswith('.staging-final'):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "train.fsync_tree = fsync_tree\n"
+        "trainer.fsync_tree = fsync_tree\n"
     ),
     # Killed after the first file of the final save was moved into place (the rest still staged).
     "final-half-moved": (
@@ -304,7 +304,7 @@ class PaddingMeter:
 
     @staticmethod
     def _inner(config, tokenizer):
-        from lmflow_core.defaults import PaddingCollator
+        from lmflow_core.data.collate import PaddingCollator
 
         return PaddingCollator(tokenizer)
 

@@ -429,7 +429,8 @@ def test_a_template_given_for_text_data_is_reported_unused(runner, tiny_llama, t
 
 
 def test_the_saved_tokenizer_carries_the_training_template(tiny_llama, chat_data, tmp_path):
-    from lmflow_core.templates import Conversation, get_template, render_text
+    from lmflow_core.catalog import get_template
+    from lmflow_core.templates import Conversation, render_text
 
     run(
         model=str(tiny_llama),

@@ -11,6 +11,7 @@ import pytest
 from conftest import SHARED, invoke, write_json
 from transformers import AutoTokenizer
 
+from lmflow_core.catalog import available_templates, get_template
 from lmflow_core.templates import (
     Conversation,
     Message,
@@ -18,8 +19,6 @@ from lmflow_core.templates import (
     ToolCall,
     TurnTemplate,
     _fill,
-    available_templates,
-    get_template,
     labels_from_offsets,
     render_text,
     tojson,

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from .collate import PaddingCollator
 from .prepare import IGNORE_INDEX
 
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids")
@@ -161,8 +162,6 @@ class PackedCollator:
     """
 
     def __init__(self, tokenizer: Any, flash_attention_kwargs: bool = True):
-        from ..defaults import PaddingCollator
-
         self.pad_token_id = tokenizer.pad_token_id
         self.flash_attention_kwargs = flash_attention_kwargs
         self.unpacked = PaddingCollator(tokenizer)
