@@ -48,8 +48,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "write_output_record": ("files", "write_output_record"),
     "move_into_place": ("files", "move_into_place"),
     # models and model directories
-    "model_source": ("defaults", "model_source"),
-    "load_default_tokenizer": ("defaults", "load_default_tokenizer"),
+    "model_source": ("models", "model_source"),
+    "load_default_tokenizer": ("models", "load_default_tokenizer"),
     "load_model_config": ("models", "load_model_config"),
     "load_pretrained": ("loading", "load_pretrained"),
     "LoadedModel": ("loading", "LoadedModel"),
@@ -70,7 +70,6 @@ _LAZY: dict[str, tuple[str, str]] = {
 if TYPE_CHECKING:
     from .catalog import available_templates, get_template
     from .config import RunConfig
-    from .defaults import load_default_tokenizer, model_source
     from .files import check_output_apart, check_replaceable, move_into_place, write_output_record
     from .generate import GenerationOptions
     from .hookspecs import StepContext
@@ -83,7 +82,9 @@ if TYPE_CHECKING:
         RUN_RECORD,
         adapter_base,
         is_adapter,
+        load_default_tokenizer,
         load_model_config,
+        model_source,
         read_json,
         stored_run,
     )

@@ -371,8 +371,7 @@ def data_check(
     """
     from .catalog import get_template
     from .data import load_raw_dataset, tokenize_dataset
-    from .defaults import model_source
-    from .models import block_size_for, load_model_config, stored_run
+    from .models import block_size_for, load_model_config, model_source, stored_run
     from .plugins import select_plugins
     from .report import Reporter, quiet_libraries, reporting
 

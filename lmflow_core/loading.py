@@ -54,7 +54,7 @@ class LoadedModel:
 
 def model_config_for(config: RunConfig, run_plugins: RunPlugins) -> Any:
     """The model's ``PretrainedConfig`` after every plugin's ``configure_model``; a missing model fails here."""
-    from .defaults import model_source
+    from .models import model_source
 
     model_config = load_model_config(model_source(config), config.trust_remote_code)
     run_plugins.hook.configure_model(config=config, model_config=model_config)

@@ -135,3 +135,50 @@ def pick_dtype(dtype: str, device: str) -> Any:
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def model_source(config: Any) -> str:
+    """The model id or directory a run loads from (the bundled demo's saved initial weights when none is
+    given)."""
+    if config.model is not None:
+        return config.model
+    from .demo import demo_base_dir
+
+    return str(demo_base_dir(config.seed))
+
+
+def load_default_tokenizer(config: Any) -> Any:
+    """The run's tokenizer as the core loads it (``--tokenizer``, else the model's own), with a pad token.
+
+    Not itself a hook implementation, so a plugin that wraps the default can import it at module level.
+    """
+    from transformers import AutoTokenizer
+
+    source = config.tokenizer or model_source(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LmflowError(
+            f"cannot load a tokenizer from '{source}': {str(exc).splitlines()[0]}",
+            "check --tokenizer/--model (a local directory with tokenizer files, or a hub id)",
+        ) from exc
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give a tokenizer without a pad token its EOS as pad token (padding is masked out of the loss)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LmflowError(
+                "the tokenizer has neither a pad nor an EOS token",
+                "add one to the tokenizer's special tokens",
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def torch_dtype(name: str) -> Any:
+    """``"bfloat16"`` -> ``torch.bfloat16``; ``"auto"`` stays ``"auto"``."""
+    import torch
+
+    return name if name == "auto" else getattr(torch, name)

@@ -150,7 +150,7 @@ def run(
 def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | None = None) -> RunResult:
     """Run a configured fine-tuning (see :func:`run`)."""
     from .data.pipeline import check_vocabulary, prepare_data
-    from .defaults import model_source
+    from .models import model_source
 
     report = (reporter or Reporter(main=is_main_process())).activate()
     hook = run_plugins.hook
@@ -260,7 +260,7 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
     from .catalog import get_template
     from .data import load_raw_dataset
     from .data.pipeline import check_packing
-    from .defaults import model_source
+    from .models import model_source
 
     hook = run_plugins.hook
     inputs = [
