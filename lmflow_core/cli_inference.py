@@ -2,7 +2,8 @@
 
 Each opens an :class:`lmflow_core.inference.InferenceSession` on a model directory, an adapter directory or a
 hub id, with the template stored with the model unless ``--template`` says otherwise, and with the plugins
-named by ``--plugins`` (their flags appear once they are named).
+named by ``--plugins`` (their flags appear once they are named). :mod:`lmflow_core.cli` adds the commands
+(:data:`INFERENCE_COMMANDS`) to the ``lmflow`` group; this module does not import it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import click
 
-from .cli import PluginCommand, cli, debug_option, given, plugin_values
+from .clickopts import PluginCommand, debug_option, given, plugin_values
 from .errors import LmflowError
 from .plugins import parse_plugin_names
 
@@ -133,7 +134,7 @@ def report_stats(stats: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("generate", cls=PluginCommand)
+@click.command("generate", cls=PluginCommand)
 @session_options
 @decoding_options
 @click.option("--prompt", help="Text to continue as it is (no template).")
@@ -175,7 +176,7 @@ def generate_command(**values: Any) -> None:
 CHAT_HELP = "Commands: /reset clears the conversation (the system prompt stays), /system TEXT sets the system prompt, /exit quits."
 
 
-@cli.command("chat", cls=PluginCommand)
+@click.command("chat", cls=PluginCommand)
 @session_options
 @decoding_options
 @click.option("--system", "system_prompt", help="System prompt for the conversation.")
@@ -241,7 +242,7 @@ def chat_command(**values: Any) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("evaluate", cls=PluginCommand)
+@click.command("evaluate", cls=PluginCommand)
 @session_options
 @click.option("--dataset", required=True, help="Data to score: a .json/.jsonl file or a directory of them.")
 @click.option(
@@ -297,7 +298,7 @@ def evaluate_command(**values: Any) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@cli.command("serve", cls=PluginCommand)
+@click.command("serve", cls=PluginCommand)
 @session_options
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface)."
@@ -375,4 +376,13 @@ def serve_command(**values: Any) -> None:
     run_server(session, settings)
 
 
-__all__ = ["chat_command", "evaluate_command", "generate_command", "given", "serve_command"]
+INFERENCE_COMMANDS = [generate_command, chat_command, evaluate_command, serve_command]
+
+__all__ = [
+    "INFERENCE_COMMANDS",
+    "chat_command",
+    "evaluate_command",
+    "generate_command",
+    "given",
+    "serve_command",
+]
