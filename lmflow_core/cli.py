@@ -7,7 +7,6 @@ that ``lmflow --help`` answers at once.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -16,8 +15,17 @@ from typing import Any
 import click
 
 from .cli_inference import INFERENCE_COMMANDS
-from .clickopts import DEBUG_KEY, RAW_ARGS_KEY, PluginCommand, debug_option, given, plugin_values, set_debug
-from .config import RunConfig, core_fields
+from .clickopts import (
+    DEBUG_KEY,
+    RAW_ARGS_KEY,
+    PluginCommand,
+    click_option,
+    core_values,
+    debug_option,
+    plugin_values,
+    set_debug,
+)
+from .config import RunConfig, core_options
 from .errors import LmflowError
 from .plugins import parse_plugin_names
 from .version import __version__
@@ -62,32 +70,6 @@ def cli() -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _field_option(f: dataclasses.Field) -> click.Option:
-    flag = "--" + f.name.replace("_", "-")
-    meta = dict(f.metadata)
-    kind = str(f.type)
-    shown = f.default not in (None, False, dataclasses.MISSING) and not kind.startswith("list")
-    common: dict[str, Any] = {
-        "help": meta["help"] + (f" [default: {f.default}]" if shown else ""),
-        "default": None,
-    }
-    if f.name == "resume":
-        option = click.Option([flag], is_flag=False, flag_value="latest", metavar="[PATH]", **common)
-    elif kind.startswith("bool"):
-        option = click.Option([f"{flag}/--no-{flag[2:]}"], **common)
-    elif kind.startswith("list") and f.name != "plugins":
-        option = click.Option([flag.rstrip("s")], multiple=True, help=meta["help"] + " Repeatable.")
-    else:
-        base = kind.split(" ")[0]
-        click_type: Any = {"int": int, "float": float}.get(base, str)
-        if "choices" in meta:
-            click_type = click.Choice(meta["choices"])
-        option = click.Option([flag], type=click_type, **common)
-    option.lmflow_field = f.name  # type: ignore[attr-defined]
-    option.lmflow_group = meta["group"]  # type: ignore[attr-defined]
-    return option
-
-
 def _run_params() -> list[click.Parameter]:
     params: list[click.Parameter] = [
         click.Option(
@@ -97,7 +79,7 @@ def _run_params() -> list[click.Parameter]:
         ),
     ]
     params[0].lmflow_group = "General"  # type: ignore[attr-defined]
-    params += [_field_option(f) for f in core_fields()]
+    params += [click_option(option) for option in core_options()]
     from .launch import launch_params
 
     return params + launch_params()
@@ -116,11 +98,7 @@ def _run_callback(
     from .train import check_run, configure, execute
 
     ctx = click.get_current_context()
-    flags: dict[str, Any] = plugin_values(ctx, values)
-    for param in ctx.command.get_params(ctx):
-        if hasattr(param, "lmflow_field") and given(ctx, param.name):
-            value = values[param.name]
-            flags[param.lmflow_field] = list(value) if isinstance(value, tuple) else value
+    flags: dict[str, Any] = {**plugin_values(ctx, values), **core_values(ctx, values)}
     launch = Launch(nproc, nnodes, node_rank, master_addr, master_port)
     check_launch(launch)
     config, plugins = configure(config_file=config_file, **flags)

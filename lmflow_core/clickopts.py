@@ -1,5 +1,6 @@
-"""The click pieces every ``lmflow`` command shares: ``--debug``, and the command class that adds the flags of
-the plugins named by ``--plugins``.
+"""The click pieces every ``lmflow`` command shares: ``--debug``, the one builder that turns an
+:class:`~lmflow_core.options.Option` into a flag, and the command class that adds the flags of the plugins named
+by ``--plugins``.
 
 The commands themselves live in :mod:`lmflow_core.cli` and :mod:`lmflow_core.cli_inference`; both import from
 here and neither imports the other's commands.
@@ -13,11 +14,13 @@ import click
 
 from .config import load_config_file
 from .errors import LmflowError
-from .plugins import parse_plugin_names
+from .options import Option, parse_plugin_names
 
 DEBUG_KEY = "lmflow.debug"
 PLUGIN_PARAMS_KEY = "lmflow.plugin_params"
 RAW_ARGS_KEY = "lmflow.raw_args"
+
+_METAVARS = {int: "INTEGER", float: "FLOAT"}
 
 
 def set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
@@ -37,6 +40,51 @@ debug_option = click.option(
 )
 
 
+def click_option(option: Option, plugin: str | None = None) -> click.Option:
+    """The flag of a core option (``plugin`` None) or of a plugin's.
+
+    A boolean is a ``--name/--no-name`` flag; a ``list`` option a repeatable flag; an option with a
+    ``flag_value`` a flag whose value may be left out (``--resume [PATH]``). Click passes every other value on
+    as written: :meth:`Option.check` converts and checks it with the config file's values, so a flag and a
+    YAML key accept the same spellings and their problems are reported together.
+
+    The click parameter carries the option (``lmflow_option``), its plugin (``lmflow_plugin``, None for the
+    core) and its ``--help`` section (``lmflow_group``).
+    """
+    flag = option.flag_for(plugin)
+    # A core option's value is named after its field (--sample-prompt fills sample_prompts); a plugin's after
+    # its flag, which is unique among the selected plugins.
+    decls = [flag] if plugin else [flag, option.name]
+    shown = option.default is not None and option.default is not False and option.default != []
+    text = option.help + (f" [default: {option.default}]" if shown else "")
+    if option.type is bool:
+        decls[0] = f"{flag}/--no-{flag[2:]}"
+        param = click.Option(decls, default=None, help=text)
+    elif option.flag_value is not None:
+        param = click.Option(
+            decls,
+            is_flag=False,
+            flag_value=option.flag_value,
+            metavar=option.metavar,
+            default=None,
+            help=text,
+        )
+    elif option.type is list and option.parse is None:
+        param = click.Option(decls, multiple=True, metavar=option.metavar, help=option.help + " Repeatable.")
+    else:
+        if option.metavar:
+            metavar = option.metavar
+        elif option.choices is not None:
+            metavar = "[" + "|".join(map(str, option.choices)) + "]"
+        else:
+            metavar = _METAVARS.get(option.type, "TEXT")
+        param = click.Option(decls, default=None, metavar=metavar, help=text)
+    param.lmflow_option = option  # type: ignore[attr-defined]
+    param.lmflow_plugin = plugin  # type: ignore[attr-defined]
+    param.lmflow_group = option.group or (f"Plugin: {plugin}" if plugin else "General")  # type: ignore[attr-defined]
+    return param
+
+
 def plugin_click_options(args: list[str]) -> list[click.Option]:
     """Flags of the plugins named on the command line or in the --config file."""
     from .plugins import select_plugins
@@ -54,24 +102,11 @@ def plugin_click_options(args: list[str]) -> list[click.Option]:
         return []  # reported properly when the command runs
     if not names:
         return []
-    params = []
-    for plugin, options in select_plugins(names).options.items():
-        for opt in options:
-            flag = opt.flag_for(plugin)
-            decls = [f"{flag}/--no-{flag[2:]}"] if opt.type is bool else [flag]
-            extra = f" [default: {opt.default}]" if opt.default is not None else ""
-            param = click.Option(
-                decls,
-                type=None
-                if opt.type is bool
-                else (click.Choice([str(c) for c in opt.choices]) if opt.choices else opt.type),
-                default=None,
-                help=(opt.help or "") + extra,
-            )
-            param.lmflow_plugin = (plugin, opt.name)  # type: ignore[attr-defined]
-            param.lmflow_group = f"Plugin: {plugin}"  # type: ignore[attr-defined]
-            params.append(param)
-    return params
+    return [
+        click_option(option, plugin)
+        for plugin, options in select_plugins(names).options.items()
+        for option in options
+    ]
 
 
 def _scan_values(args: list[str], flag: str) -> list[str]:
@@ -114,11 +149,20 @@ def given(ctx: click.Context, name: str | None) -> bool:
     return name is not None and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
 
+def core_values(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The core options given on the command line: ``{field: value}``, as written (a list when repeated)."""
+    out: dict[str, Any] = {}
+    for param in ctx.command.get_params(ctx):
+        if getattr(param, "lmflow_option", None) and param.lmflow_plugin is None and given(ctx, param.name):
+            value = values[param.name]
+            out[param.lmflow_option.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def plugin_values(ctx: click.Context, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The plugin flags given on the command line: ``{plugin: {option: value}}``."""
     out: dict[str, dict[str, Any]] = {}
     for param in ctx.meta.get(PLUGIN_PARAMS_KEY, []):
         if param.name in values and given(ctx, param.name):
-            plugin, option = param.lmflow_plugin
-            out.setdefault(plugin, {})[option] = values[param.name]
+            out.setdefault(param.lmflow_plugin, {})[param.lmflow_option.name] = values[param.name]
     return out

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import types
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .errors import ConfigError, LmflowError
+from .errors import ConfigError, PluginError
+from .options import Option, parse_plugin_names
 from .stash import Stash
 
 SCHEDULERS = (
@@ -31,12 +34,13 @@ SCHEDULERS = (
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
-def opt(default: Any, help: str, group: str, **checks: Any) -> Any:
-    """A config field with its ``--help`` text, its help group and its checks (``min``, ``choices``...)."""
-    meta = {"help": help, "group": group, **checks}
+def opt(default: Any, help: str, group: str, **settings: Any) -> Any:
+    """A config field described by an :class:`Option`: its ``--help`` text, its help group and its checks
+    (``min``, ``choices``...). The option's name and type are the field's, filled in once the class exists."""
+    option = Option("", object, default, help, group=group, **settings)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata={"option": option})
+    return field(default=default, metadata={"option": option})
 
 
 @dataclass
@@ -103,8 +107,12 @@ class RunConfig:
         None,
         "Resume from the latest checkpoint in --output-dir (--resume) or from a checkpoint path.",
         "Training",
+        flag_value="latest",
+        metavar="[PATH]",
     )
-    plugins: list[str] = opt([], "Plugins to use, comma-separated (see `lmflow plugins`).", "Training")
+    plugins: list[str] = opt(
+        [], "Plugins to use, comma-separated (see `lmflow plugins`).", "Training", parse=parse_plugin_names
+    )
     epochs: float = opt(3.0, "Number of passes over the training data.", "Training", min_exclusive=0)
     max_steps: int | None = opt(
         None, "Stop after this many optimizer steps (overrides --epochs).", "Training", min=1
@@ -169,7 +177,10 @@ class RunConfig:
         "Checkpoints and logging",
     )
     sample_prompts: list[str] = opt(
-        [], "User messages to answer with the trained model at the end of the run.", "Checkpoints and logging"
+        [],
+        "User messages to answer with the trained model at the end of the run.",
+        "Checkpoints and logging",
+        flag="--sample-prompt",
     )
 
     # Plugin options: {plugin_name: {option_name: value}}; filled with defaults once plugins are selected.
@@ -193,9 +204,34 @@ class RunConfig:
         return self.model is None
 
 
+def _complete_options(cls: type) -> None:
+    """Give each field's :class:`Option` the field's name and type (``int | None``: ``int``, and ``None`` is
+    a value), which :func:`opt` cannot know."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "option" not in f.metadata:
+            continue
+        hint = hints[f.name]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kinds = [typing.get_origin(a) or a for a in args if a is not type(None)]
+        assert len(kinds) == 1, f"{f.name}: an option has one type besides None"
+        option = dataclasses.replace(
+            f.metadata["option"], name=f.name, type=kinds[0], nullable=type(None) in args
+        )
+        f.metadata = types.MappingProxyType({"option": option})
+
+
+_complete_options(RunConfig)
+
+
 def core_fields() -> list[dataclasses.Field]:
     """The user-settable fields (everything but ``plugin_options`` and ``stash``)."""
     return [f for f in dataclasses.fields(RunConfig) if f.name not in ("plugin_options", "stash")]
+
+
+def core_options() -> list[Option]:
+    """The :class:`Option` of every user-settable field, in declaration order."""
+    return [f.metadata["option"] for f in core_fields()]
 
 
 FIELD_NAMES = frozenset(f.name for f in core_fields())
@@ -226,11 +262,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def build_config(*layers: dict[str, Any]) -> tuple[RunConfig, list[str]]:
+def build_config(
+    *layers: dict[str, Any], plugin_names: Callable[[], Iterable[str]] = tuple
+) -> tuple[RunConfig, list[str]]:
     """Merge layers of settings (later wins) into a :class:`RunConfig`.
 
     Keys that are not core fields are taken as plugin sections (``{plugin: {option: value}}``); they are
     checked against the plugins' declared options later, by :func:`resolve_plugin_options`.
+
+    Args:
+        plugin_names: returns the names of the installed plugins (``plugins.discover_plugins``). Asked only
+            for a key that is neither a field nor a mapping, to tell a plugin section written as a value
+            (``lisa: 3``) from a misspelled option.
 
     Returns the config and the problems found (unknown keys, wrong types, out-of-range values).
     """
@@ -246,97 +289,32 @@ def build_config(*layers: dict[str, Any]) -> tuple[RunConfig, list[str]]:
                     sections.setdefault(plugin, {}).update(opts or {})
             elif isinstance(value, dict):
                 sections.setdefault(key, {}).update(value)
-            elif key in _installed_plugin_names():
+            elif key in _installed(plugin_names):
                 problems.append(f"the options of plugin '{key}' must be a mapping ({key}: {{option: value}})")
             else:
                 close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
                 guess = f" (did you mean '{close[0]}'?)" if close else ""
                 problems.append(f"unknown option '{key}'{guess}")
     values: dict[str, Any] = {}
-    for f in core_fields():
-        if f.name not in merged:
+    for option in core_options():
+        if option.name not in merged:
             continue
-        value, problem = _check_field(f, merged[f.name])
+        value, problem = option.check(None, merged[option.name])
         if problem:
             problems.append(problem)
         else:
-            values[f.name] = value
+            values[option.name] = value
     config = RunConfig(**values)
     config.plugin_options = sections
     problems.extend(check_config(config))
     return config, problems
 
 
-def _installed_plugin_names() -> set[str]:
-    from .errors import PluginError
-    from .plugins import discover_plugins
-
+def _installed(plugin_names: Callable[[], Iterable[str]]) -> set[str]:
     try:
-        return set(discover_plugins())
-    except PluginError:
+        return set(plugin_names())
+    except PluginError:  # inconsistent entry points are reported when a plugin is selected
         return set()
-
-
-def _check_field(f: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
-    name = f"--{f.name.replace('_', '-')}"
-    annotation = str(f.type)
-    if value is None:
-        if "None" in annotation:
-            return None, None
-        return value, f"{name} needs a value"
-    if f.name == "resume" and isinstance(value, bool):
-        return ("latest" if value else None), None  # `resume: true` in YAML means the latest checkpoint
-    try:
-        if annotation.startswith("list"):
-            from .plugins import parse_plugin_names
-
-            if f.name == "plugins":
-                try:
-                    value = parse_plugin_names(value)
-                except LmflowError as exc:
-                    return value, exc.message
-            elif isinstance(value, str):
-                value = [value]
-            elif not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise ValueError
-            else:
-                value = list(value)
-        elif annotation.startswith("bool"):
-            if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
-                value = value.lower() in {"true", "yes", "1"}
-            elif not isinstance(value, bool):
-                raise ValueError
-        elif annotation.startswith("int"):
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)  # accepts "1e3", which YAML reads as a string
-            if not number.is_integer():
-                raise ValueError
-            value = int(number)
-        elif annotation.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-            if not math.isfinite(value):
-                return value, f"{name} must be a finite number, got {value!r}"
-        elif annotation.startswith("str"):
-            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                raise ValueError
-            value = str(value)
-    except (TypeError, ValueError):
-        kind = annotation.split(" ")[0].split("[")[0]
-        return (
-            value,
-            f"{name} must be {'a list of strings' if kind == 'list' else 'of type ' + kind}, got {value!r}",
-        )
-    meta = f.metadata
-    if "choices" in meta and value not in meta["choices"]:
-        return value, f"{name} must be one of {', '.join(meta['choices'])}, got {value!r}"
-    if "min" in meta and value < meta["min"]:
-        return value, f"{name} must be at least {meta['min']}, got {value!r}"
-    if "min_exclusive" in meta and value <= meta["min_exclusive"]:
-        return value, f"{name} must be greater than {meta['min_exclusive']}, got {value!r}"
-    return value, None
 
 
 def check_config(config: RunConfig) -> list[str]:
@@ -360,11 +338,11 @@ def check_config(config: RunConfig) -> list[str]:
     return problems
 
 
-def resolve_plugin_options(config: RunConfig, declared: dict[str, list]) -> list[str]:
+def resolve_plugin_options(config: RunConfig, declared: dict[str, list[Option]]) -> list[str]:
     """Check ``config.plugin_options`` against what the selected plugins declare, filling in defaults.
 
     Args:
-        declared: ``{plugin: [PluginOption, ...]}`` for the selected plugins.
+        declared: ``{plugin: [Option, ...]}`` for the selected plugins (``RunPlugins.options``).
 
     Returns the problems found: a section for a plugin that is not selected, an unknown option, a bad value.
     """

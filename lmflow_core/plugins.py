@@ -22,7 +22,8 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .options import PluginOption
+from .options import Option
+from .options import parse_plugin_names as parse_plugin_names  # its home is options: config imports it there
 
 ENTRY_POINT_GROUP = "lmflow.plugins"
 DISTRIBUTION = "lmflow"
@@ -149,26 +150,6 @@ def unknown_plugin_error(name: str, available: Iterable[str]) -> PluginError:
     )
 
 
-def parse_plugin_names(value: str | Sequence[str] | None) -> list[str]:
-    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``, without blanks or repeats, order kept."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        items = value.split(",")
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        items = [p for v in value for p in v.split(",")]
-    else:
-        raise PluginError(
-            f'plugins must be given as names ("a,b" or a list of strings), got {value!r}', "fix --plugins"
-        )
-    names: list[str] = []
-    for item in items:
-        item = item.strip()
-        if item and item not in names:
-            names.append(item)
-    return names
-
-
 @dataclass
 class RunPlugins:
     """The plugin manager of one run: the core defaults plus the selected plugins, in selection order."""
@@ -176,7 +157,7 @@ class RunPlugins:
     pm: pluggy.PluginManager
     names: list[str]
     infos: dict[str, PluginInfo]
-    options: dict[str, list[PluginOption]] = field(default_factory=dict)
+    options: dict[str, list[Option]] = field(default_factory=dict)
 
     @property
     def hook(self) -> Any:
@@ -256,13 +237,13 @@ def _check_conflicts(plugins: RunPlugins) -> None:
                 )
 
 
-def _collect_options(plugins: RunPlugins) -> dict[str, list[PluginOption]]:
+def _collect_options(plugins: RunPlugins) -> dict[str, list[Option]]:
     declared = plugins.per_plugin("declare_options")
     options = {name: list(declared.get(name) or []) for name in plugins.names}
     seen: dict[str, str] = {}
     for name, opts in options.items():
         for opt in opts:
-            if not isinstance(opt, PluginOption):
+            if not isinstance(opt, Option):
                 raise PluginError(
                     f"plugin '{name}' declared an option that is not a PluginOption: {opt!r}",
                     "fix the plugin",

@@ -18,7 +18,7 @@ from .evaluation import evaluate_hooks
 from .hookspecs import StepContext
 from .loading import model_config_for, tokenizer_for, weights_for
 from .models import block_size_for, stored_run
-from .plugins import RunPlugins, fold, parse_plugin_names, select_plugins
+from .plugins import RunPlugins, discover_plugins, fold, parse_plugin_names, select_plugins
 from .report import Reporter, format_duration, quiet_libraries
 from .rundir import (
     OutputPlan,
@@ -109,7 +109,7 @@ def configure(
     given = {k: v for layer in layers for k, v in layer.items()}
     if given.get("model") is None and given.get("dataset") is None:
         layers.insert(0, demo_settings(parse_plugin_names(given.get("plugins")), given))
-    run_config, problems = build_config(*layers)
+    run_config, problems = build_config(*layers, plugin_names=discover_plugins)
     extra = list(extra_plugins.items()) if isinstance(extra_plugins, dict) else list(extra_plugins)
     run_plugins = select_plugins(run_config.plugins, extra)
     run_config.plugins = list(run_plugins.names)
