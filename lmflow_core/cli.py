@@ -260,13 +260,22 @@ def data_check(
     template_name = template or stored.get("template") or "chatml"
     chosen = get_template(template_name)
 
+    def normalize(record: Any, declared_type: str | None, where: str) -> Any:
+        return run_plugins.hook.normalize_record(
+            config=config, record=record, declared_type=declared_type, where=where
+        )
+
     def render(template: Any, conversation: Any) -> Any:
         return run_plugins.hook.format_conversation(
-            template=template, conversation=conversation, add_generation_prompt=False, tokenizer=tok
+            config=config,
+            template=template,
+            conversation=conversation,
+            add_generation_prompt=False,
+            tokenizer=tok,
         )
 
     with reporting(Reporter(stream=sys.stderr if as_json else sys.stdout)):  # notes never break --json
-        raw = load_raw_dataset(path, chosen)
+        raw = load_raw_dataset(path, chosen, normalize=normalize)
         blocks = block_size_for(config, load_model_config(source), stored.get("block_size"))
         tok = run_plugins.hook.load_tokenizer(config=config)
         _, stats = tokenize_dataset(

@@ -51,7 +51,9 @@ def evaluate_dataset(
     template = session.template
 
     def normalize(record: Any, declared_type: str | None, where: str) -> Any:
-        return hook.normalize_record(record=record, declared_type=declared_type, where=where)
+        return hook.normalize_record(
+            config=session.config, record=record, declared_type=declared_type, where=where
+        )
 
     raw = load_raw_dataset(dataset, template, max_samples, normalize)
     if raw.type == "conversation" and template is None:
@@ -68,6 +70,7 @@ def evaluate_dataset(
 
     def render(template: Any, conversation: Any) -> Any:
         return hook.format_conversation(
+            config=session.config,
             template=template,
             conversation=conversation,
             add_generation_prompt=False,

@@ -291,10 +291,16 @@ def finished_generation(
     return Generation(text, new_ids, finish, prompt_length, dict(options.stats))
 
 
-def chat_prompt(hook: Any, template: Template, conversation: Conversation, tokenizer: Any) -> str:
+def chat_prompt(
+    hook: Any, template: Template, conversation: Conversation, tokenizer: Any, config: Any = None
+) -> str:
     """The prompt text for the assistant's next turn, rendered through the ``format_conversation`` hook."""
     segments = hook.format_conversation(
-        template=template, conversation=conversation, add_generation_prompt=True, tokenizer=tokenizer
+        config=config,
+        template=template,
+        conversation=conversation,
+        add_generation_prompt=True,
+        tokenizer=tokenizer,
     )
     return render_text(segments)
 
@@ -310,7 +316,7 @@ def reply(
     config: Any = None,
 ) -> Generation:
     """The assistant's next message, decoded and cut at the template's end-of-turn markers."""
-    prompt = chat_prompt(hook, template, conversation, tokenizer)
+    prompt = chat_prompt(hook, template, conversation, tokenizer, config)
     return generate_text(
         hook,
         model,
@@ -329,9 +335,11 @@ def reply_options(template: Template, tokenizer: Any, options: GenerationOptions
     return options.with_stops(stops)
 
 
-def reply_prompt_ids(hook: Any, template: Template, conversation: Conversation, tokenizer: Any) -> list[int]:
+def reply_prompt_ids(
+    hook: Any, template: Template, conversation: Conversation, tokenizer: Any, config: Any = None
+) -> list[int]:
     """The token ids :func:`reply` prompts the model with for ``conversation``."""
-    return encode_prompt(tokenizer, chat_prompt(hook, template, conversation, tokenizer), template)
+    return encode_prompt(tokenizer, chat_prompt(hook, template, conversation, tokenizer, config), template)
 
 
 def run_in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:

@@ -140,13 +140,17 @@ def declare_conflicts() -> dict[str, str]:
 
 
 @hookspec
-def validate_config(config: RunConfig) -> list[str] | None:
+def validate_config(config: RunConfig, model_config: PretrainedConfig) -> list[str] | None:
     """Check the run configuration for problems that only this plugin knows about.
 
-    When: after options are parsed and the core's own checks ran, before any model or data is loaded.
+    When: in every command that loads a model, once the model's configuration is read and before anything
+    else of the model (``configure_model`` comes next); in a run that is before the data is read. The core's
+    own checks ran already.
 
     Args:
         config: the resolved run configuration (``config.options_for(name)`` for plugin options).
+        model_config: the model's ``PretrainedConfig`` as read (an adapter's base), to check options against
+            the architecture (layer counts, module names...). Do not change it here.
 
     Returns: a list of problems, each a sentence naming the bad value and the fix; ``None`` or ``[]`` if
     all is well. Do not raise: returning lets every problem of every plugin be reported at once.
@@ -196,6 +200,13 @@ def configure_model(config: RunConfig, model_config: PretrainedConfig) -> None:
         config: the run configuration.
         model_config: the transformers config object; modify it in place.
 
+    ``configure_model`` describes *what* the model is (fields of its ``PretrainedConfig``, saved with it);
+    ``model_init_kwargs`` says *how* to load it (``from_pretrained`` arguments such as ``quantization_config``,
+    ``device_map`` or ``attn_implementation``, which are not saved as architecture). They stay two hooks
+    because the second's results are merged across plugins, with two plugins setting one argument differently
+    reported as a conflict, which an in-place change of the config cannot detect. Check options in
+    ``validate_config``, not here, so that every problem is reported at once.
+
     Combine: all; return values are ignored.
     """
 
@@ -211,7 +222,8 @@ def model_init_kwargs(config: RunConfig) -> dict[str, Any] | None:
     Args:
         config: the run's :class:`lmflow_core.RunConfig`.
 
-    Returns: a dict of keyword arguments, or ``None``.
+    Returns: a dict of keyword arguments, or ``None``. (Why this is not part of ``configure_model``: see
+    there.)
 
     Combine: all; the dicts are merged. Two plugins setting the same key to different values is an error
     naming both plugins.
@@ -269,12 +281,15 @@ def prepare_model(
 
 
 @hookspec(firstresult=True)
-def normalize_record(record: Any, declared_type: str | None, where: str) -> tuple[str, dict[str, Any]] | None:
+def normalize_record(
+    config: RunConfig, record: Any, declared_type: str | None, where: str
+) -> tuple[str, dict[str, Any]] | None:
     """Accept a dataset record in a shape the core does not know (e.g. images next to the messages).
 
     When: for every record of every dataset, before the core's own checks.
 
     Args:
+        config: the run's (or the command's) :class:`lmflow_core.RunConfig`.
         record: the record as read from the file (usually a dict).
         declared_type: the file's ``"type"`` (LMFlow format), or ``None`` for .jsonl files and JSON lists.
         where: the file and index of the record, for error messages.
@@ -291,6 +306,7 @@ def normalize_record(record: Any, declared_type: str | None, where: str) -> tupl
 
 @hookspec(firstresult=True)
 def format_conversation(
+    config: RunConfig,
     template: Template,
     conversation: Conversation,
     add_generation_prompt: bool,
@@ -303,6 +319,7 @@ def format_conversation(
     cannot drift apart. The core default calls ``template.render(...)``.
 
     Args:
+        config: the run's (or the inference session's) :class:`lmflow_core.RunConfig`.
         template: the selected :class:`lmflow_core.Template`.
         conversation: the system prompt and messages.
         add_generation_prompt: append the header that starts the assistant's next turn.

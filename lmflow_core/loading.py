@@ -53,10 +53,16 @@ class LoadedModel:
 
 
 def model_config_for(config: RunConfig, run_plugins: RunPlugins) -> Any:
-    """The model's ``PretrainedConfig`` after every plugin's ``configure_model``; a missing model fails here."""
+    """The model's ``PretrainedConfig``, checked by every plugin's ``validate_config`` (all problems reported at
+    once), then changed by their ``configure_model``; a missing model fails here."""
     from .models import model_source
 
     model_config = load_model_config(model_source(config), config.trust_remote_code)
+    problems = []
+    for found in run_plugins.hook.validate_config(config=config, model_config=model_config):
+        problems.extend(found or [])
+    if problems:
+        raise ConfigError.collect(problems)
     run_plugins.hook.configure_model(config=config, model_config=model_config)
     return model_config
 
@@ -114,10 +120,7 @@ def inference_config(
     )
     config.plugin_options = {k: dict(v) for k, v in (plugin_options or {}).items()}
     problems = resolve_plugin_options(config, run_plugins.options)
-    if not problems:
-        for found in run_plugins.hook.validate_config(config=config):
-            problems.extend(found or [])
-    if problems:
+    if problems:  # the plugins' own checks (validate_config) run once the model's configuration is read
         raise ConfigError.collect(problems, "inference settings")
     return config, run_plugins
 

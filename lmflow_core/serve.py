@@ -206,7 +206,9 @@ class Server:
         try:
             conversation = Conversation.from_messages(messages, system, tools=tools)
             session.template.check(conversation)
-            return reply_prompt_ids(session.plugins.hook, session.template, conversation, session.tokenizer)
+            return reply_prompt_ids(
+                session.plugins.hook, session.template, conversation, session.tokenizer, session.config
+            )
         except Exception as exc:  # whatever a template raises about a conversation is the client's to fix
             message = exc.one_line() if isinstance(exc, LmflowError) else str(exc) or type(exc).__name__
             raise RequestError(400, f"messages: {message}", param="messages") from None

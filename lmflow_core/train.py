@@ -114,10 +114,7 @@ def configure(
     run_plugins = select_plugins(run_config.plugins, extra)
     run_config.plugins = list(run_plugins.names)
     problems += resolve_plugin_options(run_config, run_plugins.options)
-    if not problems:
-        for found in run_plugins.hook.validate_config(config=run_config):
-            problems.extend(found or [])
-    if problems:
+    if problems:  # the plugins' own checks (validate_config) need the model's configuration: see check_run
         raise ConfigError.collect(problems)
     config_files = [config_file, config if isinstance(config, (str, os.PathLike)) else None]
     check_inputs_outside(Path(run_config.output_dir), [("--config", str(f)) for f in config_files if f])
@@ -276,10 +273,12 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
     template = get_template(template_name) if template_name else None
 
     def normalize(record: Any, declared_type: str | None, where: str) -> Any:
-        return hook.normalize_record(record=record, declared_type=declared_type, where=where)
+        return hook.normalize_record(config=config, record=record, declared_type=declared_type, where=where)
 
     if not config.dataset:
         raise ConfigError("no training data", "pass --dataset (a .json/.jsonl file or a directory)")
+    # The plugins' validate_config (every problem at once), then configure_model: before the data is read.
+    model_config = model_config_for(config, run_plugins)
     train_raw = load_raw_dataset(config.dataset, template, config.max_samples, normalize)
     eval_raw = (
         load_raw_dataset(config.eval_dataset, template, config.max_samples, normalize)
@@ -292,7 +291,6 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
                 f"{raw.files[0]} holds conversations, which need a template",
                 "pass --template NAME (see `lmflow templates list`)",
             )
-    model_config = model_config_for(config, run_plugins)  # configure_model included
     check_packing(config, model_config)
     block_size = block_size_for(config, model_config, stored.get("block_size"))
     return CheckedRun(plan, template_name, template, train_raw, eval_raw, model_config, block_size)

@@ -77,22 +77,22 @@ def declare_conflicts() -> dict[str, str]:
 
 
 @hookimpl
-def configure_model(config: RunConfig, model_config: Any) -> None:
+def validate_config(config: RunConfig, model_config: Any) -> list[str]:
     """Check the options against the model's shape before its weights load."""
     options = config.options_for(NAME)
+    problems = []
     layers = _layer_count(model_config)
     if layers is not None and options.activated_layers > layers:
-        raise ConfigError(
-            f"--lisa-activated-layers {options.activated_layers} exceeds the model's {layers} decoder layers",
-            f"use --lisa-activated-layers {max(1, layers // 4)} or another value up to {layers}",
+        problems.append(
+            f"--lisa-activated-layers {options.activated_layers} exceeds the model's {layers} decoder layers; "
+            f"use --lisa-activated-layers {max(1, layers // 4)} or another value up to {layers}"
         )
-    tied = _tied_embeddings(model_config)
-    if tied and options.freeze_embeddings != options.freeze_lm_head:
-        raise ConfigError(
+    if _tied_embeddings(model_config) and options.freeze_embeddings != options.freeze_lm_head:
+        problems.append(
             "this model's LM head shares its weights with the input embeddings, so one cannot be frozen "
-            "without the other",
-            "pass both --lisa-freeze-embeddings and --lisa-freeze-lm-head, or neither",
+            "without the other; pass both --lisa-freeze-embeddings and --lisa-freeze-lm-head, or neither"
         )
+    return problems
 
 
 @hookimpl

@@ -102,15 +102,25 @@ def target_modules(value: str) -> str | list[str]:
 
 
 @hookimpl
-def validate_config(config: RunConfig) -> list[str]:
-    """Problems with the options, the model and the machine that need no model to find."""
+def validate_config(config: RunConfig, model_config: Any) -> list[str]:
+    """Problems with the options, the model and the machine, found before any weight loads.
+
+    The module names are checked against the architecture built without weights (on the meta device).
+    """
     options = config.options_for(NAME)
     problems = []
+    if config.model and is_adapter(config.model):
+        # (An inference command sees an adapter's base here: only a run can be handed an adapter.)
+        problems.append(
+            f"--model {config.model} is a LoRA adapter, not a model; merge it first (lmflow merge-lora "
+            f"--adapter {config.model} --output MERGED) and pass --model MERGED"
+        )
     if not 0 <= options.dropout < 1:
         problems.append(
             f"--lora-dropout must be a probability in [0, 1), got {options.dropout:g}; use e.g. 0.05 (or 0 for none)"
         )
     names = parse_names(options.target_modules)
+    names_ok = False
     if not names:
         problems.append(
             "--lora-target-modules is empty; pass module names (e.g. q_proj,v_proj) or all-linear"
@@ -119,6 +129,8 @@ def validate_config(config: RunConfig) -> list[str]:
         problems.append(
             "--lora-target-modules: all-linear already takes every linear layer; pass it alone or list names"
         )
+    else:
+        names_ok = True
     if config.random_init:
         problems.append(
             "LoRA needs a base model with saved weights to reload the adapter onto, and --random-init builds a "
@@ -126,6 +138,8 @@ def validate_config(config: RunConfig) -> list[str]:
         )
     if options.qlora:
         problems.extend(_qlora_problems())
+    if names_ok and model_config is not None:
+        problems.extend(_module_name_problems(config, options, model_config))
     return problems
 
 
@@ -148,21 +162,9 @@ def bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-@hookimpl
-def configure_model(config: RunConfig, model_config: Any) -> None:
-    """Check the model and the module names against its architecture, built without weights, before it loads.
-
-    (Here rather than in ``validate_config``, which inference sessions call too: an adapter directory is a
-    fine model to generate with, but not one to train a new adapter on.)
-    """
-    if config.model and is_adapter(config.model):
-        raise ConfigError(
-            f"--model {config.model} is a LoRA adapter, not a model",
-            f"merge it first (lmflow merge-lora --adapter {config.model} --output MERGED) and pass --model MERGED",
-        )
-    options = config.options_for(NAME)
+def _module_name_problems(config: RunConfig, options: Any, model_config: Any) -> list[str]:
     if target_modules(options.target_modules) == ALL_LINEAR and not options.modules_to_save:
-        return  # nothing named, nothing to check
+        return []  # nothing named, nothing to check
     import copy
 
     import torch
@@ -174,12 +176,20 @@ def configure_model(config: RunConfig, model_config: Any) -> None:
                 copy.deepcopy(model_config), trust_remote_code=config.trust_remote_code
             )
     except Exception:  # an architecture that cannot be built empty: the names are checked once it loads
-        return
-    check_module_names(skeleton, options)
+        return []
+    return module_name_problems(skeleton, options)
 
 
 def check_module_names(model: Any, options: Any) -> None:
     """Raise :class:`ConfigError` for a target or saved module name that matches no module of ``model``."""
+    problems = module_name_problems(model, options)
+    if problems:
+        raise ConfigError.collect(problems)
+
+
+def module_name_problems(model: Any, options: Any) -> list[str]:
+    """A problem for each option whose module names match no module of ``model``."""
+    problems = []
     keys = [name for name, _ in model.named_modules() if name]
 
     def matches(name: str) -> bool:
@@ -189,10 +199,10 @@ def check_module_names(model: Any, options: Any) -> None:
     if targets != ALL_LINEAR:
         missing = [name for name in targets if not matches(name)]
         if missing:
-            raise ConfigError(
+            problems.append(
                 f"--lora-target-modules: {', '.join(repr(m) for m in missing)} "
-                f"match{'es' if len(missing) == 1 else ''} no module of the model",
-                f"use names of its linear layers ({', '.join(linear_layer_names(model))}) or all-linear",
+                f"match{'es' if len(missing) == 1 else ''} no module of the model; use names of its linear "
+                f"layers ({', '.join(linear_layer_names(model))}) or all-linear"
             )
     missing = [name for name in parse_names(options.modules_to_save) if not matches(name)]
     if missing:
@@ -201,11 +211,12 @@ def check_module_names(model: Any, options: Any) -> None:
             for key, module in model.named_modules()
             if key and module in (model.get_input_embeddings(), model.get_output_embeddings())
         ]
-        raise ConfigError(
+        problems.append(
             f"--lora-modules-to-save: {', '.join(repr(m) for m in missing)} "
-            f"match{'es' if len(missing) == 1 else ''} no module of the model",
-            f"use module names of the model, such as {', '.join(k.rsplit('.', 1)[-1] for k in embeddings)}",
+            f"match{'es' if len(missing) == 1 else ''} no module of the model; use module names of the model, "
+            f"such as {', '.join(k.rsplit('.', 1)[-1] for k in embeddings)}"
         )
+    return problems
 
 
 def linear_layer_names(model: Any) -> list[str]:

@@ -554,6 +554,6 @@ def test_lora_on_an_adapter_directory_is_refused(runner, trained, chat_data, tmp
     args = ["run", "--model", trained[0], "--dataset", chat_data, "--template", "chatml"]
     result = invoke(runner, *args, "--output-dir", tmp_path / "out", "--plugins", "lora")
     assert_one_line_error(
-        result, "is a LoRA adapter, not a model", "Merge it first (lmflow merge-lora --adapter"
+        result, "is a LoRA adapter, not a model", "merge it first (lmflow merge-lora --adapter"
     )
     assert result.exit_code == 2 and not (tmp_path / "out").exists()

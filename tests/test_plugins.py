@@ -96,7 +96,7 @@ def test_hooks_run_in_the_order_plugins_are_named_with_core_last():
     first = make_plugin("first", validate_config=lambda: calls.append("first"))
     second = make_plugin("second", validate_config=lambda: calls.append("second"))
     run_plugins = select_plugins([], extra=[("first", first), ("second", second)])
-    run_plugins.hook.validate_config(config=None)
+    run_plugins.hook.validate_config(config=None, model_config=None)
     assert calls == ["first", "second"]
     # first-result hooks ask the named plugins in order, the core's default last
     assert [i.plugin_name for i in reversed(run_plugins.hook.decode.get_hookimpls())] == ["core"]
@@ -126,7 +126,7 @@ def test_tracing_prints_every_hook_call(monkeypatch, capsys):
     monkeypatch.setenv("LMFLOW_TRACE_HOOKS", "1")
     plugin = make_plugin("p", validate_config=lambda config: [])
     run_plugins = select_plugins([], extra=[("p", plugin)])
-    run_plugins.hook.validate_config(config=None)
+    run_plugins.hook.validate_config(config=None, model_config=None)
     err = capsys.readouterr().err
     assert "[lmflow hook] validate_config -> p" in err
     assert "[lmflow hook] validate_config returned list" in err

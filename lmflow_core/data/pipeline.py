@@ -32,7 +32,11 @@ def prepare_data(
 
     def render(template: Any, conversation: Any) -> Any:
         return hook.format_conversation(
-            template=template, conversation=conversation, add_generation_prompt=False, tokenizer=tokenizer
+            config=config,
+            template=template,
+            conversation=conversation,
+            add_generation_prompt=False,
+            tokenizer=tokenizer,
         )
 
     prepared, stats = {}, {}
