@@ -1,14 +1,13 @@
 """Shared fixtures: tiny models built at test time, small datasets, and a CLI runner.
 
-Nothing reaches the network: HF_HUB_OFFLINE is set before transformers is imported, and every model is built
-locally from a config with seeded random weights.
+Only fixtures and pytest hooks live here; the plain helpers they use, which test modules import too, are in
+helpers.py. Nothing reaches the network: HF_HUB_OFFLINE is set before transformers is imported, and every model
+is built locally from a config with seeded random weights.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,9 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 from click.testing import CliRunner
 
-REPO = Path(__file__).resolve().parent.parent
-# Reference data beside the project (../shared/reference), or where LMFLOW_SHARED_REFERENCE points.
-SHARED = Path(os.environ.get("LMFLOW_SHARED_REFERENCE") or REPO.parent / "shared" / "reference")
+# The helpers' asserts report their operands as the tests' own do.
+pytest.register_assert_rewrite("helpers")
+
+from helpers import conversations, save_tiny_model, write_json  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,67 +30,16 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LMFLOW_CACHE", str(tmp_path_factory.getbasetemp() / "lmflow-cache"))
 
 
-def _save_tiny(model_type: str, out: Path, **overrides) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from lmflow_core.demo import demo_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
-    common = {
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.eos_token_id,
-    }
-    shapes = {
-        "llama": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 256,
-        },
-        "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256},
-    }[model_type]
-    config = AutoConfig.for_model(model_type, **{**common, **shapes, **overrides})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama with the demo tokenizer, saved as a normal model directory."""
-    return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 with the demo tokenizer."""
-    return _save_tiny("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
-
-
-def write_json(path: Path, data) -> Path:
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
-
-
-def conversations(n: int = 24) -> list[dict]:
-    out = []
-    for i in range(n):
-        out.append(
-            {
-                "messages": [
-                    {"role": "user", "content": f"What is {i} plus 1?"},
-                    {"role": "assistant", "content": f"{i} plus 1 is {i + 1}."},
-                ]
-            }
-        )
-    return out
+    return save_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture
@@ -113,13 +62,6 @@ def text_data(tmp_path) -> Path:
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
-
-
-def invoke(runner: CliRunner, *args: str):
-    """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
-    from lmflow_core.cli import cli
-
-    return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture
@@ -146,43 +88,6 @@ def fast_run_args(tiny_llama, chat_data, tmp_path) -> list[str]:
         "--save-steps",
         "2",
     ]
-
-
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def stopped_run(finished: Path, checkpoint: str, where: Path) -> Path:
-    """What a run stopped right after ``checkpoint`` leaves in ``where``: that checkpoint and its run record."""
-    shutil.copytree(finished / checkpoint, where / checkpoint)
-    record = json.loads((finished / "lmflow_run.json").read_text())
-    (where / "lmflow_run.json").write_text(json.dumps({**record, "status": "running", "outputs": []}))
-    return where
-
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    """A failed CLI call that printed exactly one ``Error: ...`` line containing ``fragments``."""
-    assert result.exit_code != 0, result.output
-    error = result.stderr.strip()
-    assert error.startswith("Error: ") and "\n" not in error, error
-    assert "Traceback" not in result.output + result.stderr
-    for fragment in fragments:
-        assert fragment in error, (fragment, error)
-    return error
-
-
-def plugin_commands(plugin, name: str):
-    """Add a plugin's commands (``register_commands``) to the CLI object ``invoke`` runs; undo afterwards."""
-    from lmflow_core.cli import add_debug_option, cli
-
-    added = name not in cli.commands
-    if added:
-        plugin.register_commands(cli)
-        add_debug_option(cli.commands[name])  # as the core does for every plugin's commands
-    yield
-    if added:
-        cli.commands.pop(name, None)
 
 
 @pytest.fixture

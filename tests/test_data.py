@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import conversations, invoke, write_json
+from helpers import conversations, invoke, write_json
 from transformers import AutoTokenizer
 
 from lmflow_core.catalog import get_template

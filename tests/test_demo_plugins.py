@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, invoke
+from helpers import assert_one_line_error, invoke
 from transformers import AutoModelForCausalLM
 
 from lmflow_core import run

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _save_tiny, conversations, invoke, stopped_run, write_json
+from helpers import conversations, invoke, save_tiny_model, stopped_run, write_json
 from safetensors.torch import load_file
 
 from lmflow_core.launch import Launch, strip_launch_args, torchrun_command
@@ -27,7 +27,7 @@ WEIGHT_TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    model = _save_tiny("llama", root / "model", num_hidden_layers=4)
+    model = save_tiny_model("llama", root / "model", num_hidden_layers=4)
     data = write_json(root / "chat.json", {"type": "conversation", "instances": conversations(40)})
     return root, model, data
 

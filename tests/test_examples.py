@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 LMFLOW = Path(sys.executable).with_name("lmflow")  # the console script of this environment
 

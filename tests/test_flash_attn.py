@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import write_json
+from helpers import write_json
 from lmflow_plugins import flash_attn
 from lmflow_plugins.flash_attn import Machine, choose_attention
 

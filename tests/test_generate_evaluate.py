@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from conftest import conversations, write_json
+from helpers import conversations, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmflow_core import defaults

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from lmflow_core import PluginOption, hookimpl, run
 from lmflow_core.errors import ConfigError, LmflowError
@@ -138,7 +138,7 @@ class Recorder:
 @pytest.fixture(scope="module")
 def recorded_run(tiny_llama, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hooks")
-    from conftest import conversations, write_json
+    from helpers import conversations, write_json
 
     data = write_json(tmp / "chat.json", {"type": "conversation", "instances": conversations(16)})
     recorder = Recorder()
@@ -271,7 +271,7 @@ def test_hook_prepare_model_frozen_parameters_stay_frozen(recorded_run, tiny_lla
 
 
 def test_hook_normalize_record_accepts_a_new_record_shape_and_keeps_extra_columns(tiny_llama, tmp_path):
-    from conftest import write_json
+    from helpers import write_json
 
     from lmflow_core.errors import DataError
 
@@ -317,7 +317,7 @@ def test_hook_normalize_record_accepts_a_new_record_shape_and_keeps_extra_column
 
 
 def test_hook_format_conversation_override_changes_the_training_text(tiny_llama, tmp_path):
-    from conftest import conversations, write_json
+    from helpers import conversations, write_json
 
     data = write_json(tmp_path / "c.json", {"type": "conversation", "instances": conversations(4)})
     rendered = []

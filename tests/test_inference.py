@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import conversations, invoke, write_json
+from helpers import conversations, invoke, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmflow_core.catalog import get_template

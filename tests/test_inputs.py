@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
-from conftest import conversations, invoke, write_json
+from helpers import conversations, invoke, write_json
 
 from lmflow_core.catalog import get_template
 from lmflow_core.config import load_config_file

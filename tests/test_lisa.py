@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import _save_tiny, conversations, invoke, stopped_run, write_json
+from helpers import conversations, invoke, save_tiny_model, stopped_run, tiny_model, write_json
 from lmflow_plugins.lisa import active_layers, find_layers, innermost_optimizer
 from safetensors.torch import load_file
 
@@ -24,7 +24,7 @@ LAYERS = 6
 @pytest.fixture(scope="module")
 def six_layers(tmp_path_factory) -> Path:
     """A 6-layer Llama (untied embeddings) with the demo tokenizer."""
-    return _save_tiny("llama", tmp_path_factory.mktemp("lisa-llama"), num_hidden_layers=LAYERS)
+    return save_tiny_model("llama", tmp_path_factory.mktemp("lisa-llama"), num_hidden_layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +72,8 @@ ARCHITECTURES = {
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_finds_the_decoder_layers_of_common_architectures(model_type):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     layer_key = {"gpt2": "n_layer"}.get(model_type, "num_hidden_layers")
-    config = AutoConfig.for_model(model_type, vocab_size=64, **{layer_key: 3}, **ARCHITECTURES[model_type])
-    model = AutoModelForCausalLM.from_config(config)
+    model = tiny_model(model_type, vocab_size=64, **{layer_key: 3}, **ARCHITECTURES[model_type])
     path, layers = find_layers(model)
     assert len(layers) == 3
     assert type(layers[0]).__name__.endswith(("DecoderLayer", "Block", "Layer")), type(layers[0])

@@ -13,7 +13,7 @@ import types
 import loading_recorder as recorder
 import pytest
 import torch
-from conftest import assert_one_line_error, invoke, plugin_commands
+from helpers import assert_one_line_error, invoke, plugin_commands
 from transformers import AutoModelForCausalLM
 
 from lmflow_core import hookimpl

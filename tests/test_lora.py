@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, conversations, invoke, plugin_commands, stopped_run, write_json
+from helpers import assert_one_line_error, conversations, invoke, plugin_commands, stopped_run, write_json
 from lmflow_plugins import lora
 from peft import PeftModel
 from safetensors.torch import load_file

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import invoke
+from helpers import invoke
 from test_run import assert_clean_failure
 
 from lmflow_core import hookimpl, run

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import invoke, write_json
+from helpers import invoke, tiny_model, write_json
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, masking_utils
 
 from lmflow_core.data.packing import (
@@ -28,7 +28,15 @@ BLOCK = 24
 LENGTHS = (13, 7, 5, 11, 2, 9, 4, 16, 3)
 TOLERANCE = 1e-5
 
-# Tiny shapes for architectures the conftest fixtures do not cover (built from config, never saved).
+# Tiny in-memory models of architectures the shared fixtures do not cover.
+COMMON = {
+    "vocab_size": 128,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 SHAPES = {
     "qwen2": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2},
     "mistral": {
@@ -47,23 +55,6 @@ SHAPES = {
     },
     "bloom": {"hidden_size": 32, "n_head": 4},
 }
-
-
-def tiny_from_config(model_type: str, vocab: int = 128) -> AutoModelForCausalLM:
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **SHAPES[model_type],
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(
-        config, attn_implementation="eager" if model_type == "bloom" else "sdpa"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +193,7 @@ def test_packed_gpt2_computes_the_unpacked_loss_and_logits(tiny_gpt2):
 
 @pytest.mark.parametrize("model_type", ["qwen2", "mistral", "phi3", "gemma"])
 def test_packed_rows_compute_the_unpacked_results_for_other_architectures(model_type):
-    model = tiny_from_config(model_type)
+    model = tiny_model(model_type, attn_implementation="sdpa", **COMMON, **SHAPES[model_type])
     assert packing_problem(model.config) is None
     loss_diff, logits_diff = compare(model, examples(128), 0)
     print(f"{model_type}: loss diff {loss_diff:.2e}, logits diff {logits_diff:.2e}")
@@ -237,7 +228,7 @@ def test_architectures_are_judged_by_how_they_build_their_masks():
 
 
 def test_a_refused_architecture_would_indeed_mix_packed_examples():
-    model = tiny_from_config("bloom")
+    model = tiny_model("bloom", attn_implementation="eager", **COMMON, **SHAPES["bloom"])
     with pytest.raises(ConfigError, match="--packing: the architecture 'bloom'"):
         check_packing_support(model.config)
     _, logits_diff = compare(model, examples(128), 0)

@@ -6,7 +6,7 @@ import json
 import types
 
 import pytest
-from conftest import invoke
+from helpers import invoke
 
 from lmflow_core import PluginOption, hookimpl
 from lmflow_core.errors import PluginError

@@ -12,7 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 import lmflow_core
 

@@ -53,7 +53,7 @@ def common_args(tiny_llama, chat_data) -> list:
 @pytest.fixture(scope="module")
 def straight_run(tiny_llama, tmp_path_factory):
     """The weights of an uninterrupted 12-step run."""
-    from conftest import conversations, write_json
+    from helpers import conversations, write_json
 
     tmp = tmp_path_factory.mktemp("straight")
     # 28 records at batch 4: 7 steps an epoch, so step 12 is mid-epoch (where an extra step used to slip in).
@@ -321,7 +321,7 @@ class PaddingMeter:
 
 
 def test_group_by_length_pads_less_and_resumes_to_the_same_weights(tiny_llama, tmp_path):
-    from conftest import write_json
+    from helpers import write_json
 
     from lmflow_core import hookimpl, run
 

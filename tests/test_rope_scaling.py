@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, invoke, write_json
+from helpers import assert_one_line_error, invoke, save_tiny_model, tiny_model, write_json
 from lmflow_plugins.rope_scaling import apply_rope_scaling
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -65,10 +65,8 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
     """A tiny saved model of every RoPE family, pretrained context 64."""
     out = {}
     for family, extra in FAMILIES.items():
-        config = AutoConfig.for_model(family, **SHAPE, **extra, max_position_embeddings=CONTEXT)
-        torch.manual_seed(0)
         path = tmp_path_factory.mktemp(family)
-        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        tiny_model(family, **SHAPE, **extra, max_position_embeddings=CONTEXT).save_pretrained(path)
         out[family] = path
     return out
 
@@ -128,12 +126,10 @@ def test_an_already_scaled_model_keeps_its_scaling_or_is_refused(family_models):
 
 @pytest.fixture(scope="module")
 def phi3_model(tmp_path_factory) -> Path:
-    config = AutoConfig.for_model(
-        "phi3", **SHAPE, max_position_embeddings=CONTEXT, original_max_position_embeddings=CONTEXT
-    )
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("phi3")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_model(
+        "phi3", **SHAPE, max_position_embeddings=CONTEXT, original_max_position_embeddings=CONTEXT
+    ).save_pretrained(path)
     return path
 
 
@@ -183,9 +179,7 @@ def test_phi3_refuses_dynamic_scaling_which_has_no_longrope_form(phi3_model):
 @pytest.fixture(scope="module")
 def short_llama(tmp_path_factory) -> Path:
     """A tiny Llama with the demo tokenizer and a pretrained context of 64 tokens."""
-    from conftest import _save_tiny
-
-    return _save_tiny("llama", tmp_path_factory.mktemp("short-llama"), max_position_embeddings=CONTEXT)
+    return save_tiny_model("llama", tmp_path_factory.mktemp("short-llama"), max_position_embeddings=CONTEXT)
 
 
 LONG_TEXT = " ".join(

@@ -10,7 +10,7 @@ import pytest
 import sample_plugin
 import torch
 import yaml
-from conftest import conversations, invoke, write_json
+from helpers import conversations, invoke, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmflow_core import plugins as plugins_module
@@ -388,7 +388,7 @@ def test_the_embedded_demo_runs_offline_in_under_two_minutes_with_a_falling_loss
 
 
 def test_every_run_option_is_documented_in_readme():
-    from conftest import REPO
+    from helpers import REPO
 
     from lmflow_core.config import core_fields
 

@@ -6,17 +6,20 @@ import random
 
 import pytest
 import torch
-from conftest import invoke, write_json
+from helpers import invoke, tiny_model, write_json
 from lmflow_plugins.speculative import speculative_generate
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from lmflow_core.generate import GenerationOptions
 from lmflow_core.inference import open_session
 
 
-def tiny_model(vocab: int, hidden: int, layers: int, seed: int, dtype=torch.float64):
-    config = AutoConfig.for_model(
+def llama(vocab: int, hidden: int, layers: int, seed: int, dtype=torch.float64):
+    """A tiny Llama whose last token id is its EOS, in ``dtype``."""
+    return tiny_model(
         "llama",
+        seed=seed,
+        dtype=dtype,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -28,8 +31,6 @@ def tiny_model(vocab: int, hidden: int, layers: int, seed: int, dtype=torch.floa
         pad_token_id=0,
         bos_token_id=None,
     )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +42,14 @@ def demo_tokenizer():
 
 def test_greedy_output_is_the_targets_own_on_many_prompts(demo_tokenizer):
     vocab = len(demo_tokenizer)
-    target = tiny_model(vocab, 64, 3, seed=1)
+    target = llama(vocab, 64, 3, seed=1)
     # A draft that often agrees (a noisy copy of the target) and one that rarely does (a small random model):
     # together they exercise acceptance, rejection and both cache rollbacks.
-    noisy = tiny_model(vocab, 64, 3, seed=1)
+    noisy = llama(vocab, 64, 3, seed=1)
     with torch.no_grad():
         for parameter in noisy.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.001)
-    drafts = [noisy, tiny_model(vocab, 32, 1, seed=2)]
+    drafts = [noisy, llama(vocab, 32, 1, seed=2)]
     rng = random.Random(0)
     accepted = proposed = 0
     for trial in range(60):
@@ -75,7 +76,7 @@ def test_greedy_output_is_the_targets_own_on_many_prompts(demo_tokenizer):
 
 
 def test_a_draft_that_is_the_target_accepts_everything(demo_tokenizer):
-    target = tiny_model(len(demo_tokenizer), 64, 2, seed=3)
+    target = llama(len(demo_tokenizer), 64, 2, seed=3)
     options = GenerationOptions(max_new_tokens=20)
     speculative_generate(target, target, demo_tokenizer, torch.tensor([[5, 6, 7]]), options, None, 4)
     assert options.stats["acceptance_rate"] == 1.0 and options.stats["draft_tokens"] > 0
@@ -88,8 +89,8 @@ def test_sampling_follows_the_targets_distribution():
     from scipy.stats import chisquare
 
     vocab = 8
-    target = tiny_model(vocab, 16, 1, seed=11)
-    draft = tiny_model(vocab, 16, 1, seed=11)
+    target = llama(vocab, 16, 1, seed=11)
+    draft = llama(vocab, 16, 1, seed=11)
     with torch.no_grad():
         # Peaked distributions (a random init is nearly uniform); the draft's differ from the target's enough
         # to be rejected about half the time.
@@ -167,7 +168,7 @@ def _word_tokenizer(vocab: int):
 def two_models(tmp_path_factory, demo_tokenizer):
     tmp = tmp_path_factory.mktemp("spec")
     for name, (hidden, layers, seed) in {"target": (64, 3, 1), "draft": (32, 1, 2)}.items():
-        model = tiny_model(len(demo_tokenizer), hidden, layers, seed, dtype=torch.float32)
+        model = llama(len(demo_tokenizer), hidden, layers, seed, dtype=torch.float32)
         model.save_pretrained(tmp / name)
         demo_tokenizer.save_pretrained(tmp / name)
     (tmp / "target" / "lmflow_run.json").write_text('{"template": "chatml"}')
@@ -202,7 +203,7 @@ def test_generate_with_the_plugin_matches_plain_generation_and_reports_acceptanc
 
 
 def test_a_draft_with_another_vocabulary_is_refused(runner, two_models, tmp_path):
-    other = tiny_model(100, 16, 1, seed=5, dtype=torch.float32)
+    other = llama(100, 16, 1, seed=5, dtype=torch.float32)
     other.save_pretrained(tmp_path / "other")
     result = invoke(
         runner,

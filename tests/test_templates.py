@@ -8,7 +8,7 @@ import json
 import random
 
 import pytest
-from conftest import SHARED, invoke, write_json
+from helpers import SHARED, invoke, write_json
 from transformers import AutoTokenizer
 
 from lmflow_core.catalog import available_templates, get_template

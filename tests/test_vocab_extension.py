@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED, _save_tiny, assert_one_line_error, invoke, plugin_commands, write_json
+from helpers import (
+    SHARED,
+    assert_one_line_error,
+    invoke,
+    plugin_commands,
+    save_tiny_model,
+    tiny_model,
+    write_json,
+)
 from lmflow_plugins import vocab_extension
 from lmflow_plugins.vocab_extension import (
     extend_vocabulary,
@@ -20,7 +28,7 @@ from lmflow_plugins.vocab_extension import (
     resize_and_initialise,
 )
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmflow_core import run
 from lmflow_core.demo import demo_model_dir
@@ -393,7 +401,7 @@ def demo_extended(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def untied_llama(tmp_path_factory) -> Path:
     """A tiny Llama with the demo tokenizer and a separate LM head."""
-    return _save_tiny("llama", tmp_path_factory.mktemp("untied-llama"), tie_word_embeddings=False)
+    return save_tiny_model("llama", tmp_path_factory.mktemp("untied-llama"), tie_word_embeddings=False)
 
 
 @pytest.fixture
@@ -470,20 +478,7 @@ def test_a_run_with_the_extended_llama2_tokenizer_saves_a_model_and_tokenizer_th
     (tmp_path / "base").mkdir()
     shutil.copyfile(llama2_base, tmp_path / "base" / "tokenizer.model")
     load_tokenizer_dir(tmp_path / "base", "base").save_pretrained(model_dir)
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=32000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tiny_model("llama", vocab_size=32000, bos_token_id=1, eos_token_id=2).save_pretrained(model_dir)
     extended_dir, report = llama2_extended
     out = tmp_path / "out"
     result = invoke(
