@@ -7,9 +7,12 @@ costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -139,3 +142,17 @@ def plugin_commands(plugin, name: str):
     yield
     if added:
         cli.commands.pop(name, None)
+
+
+@contextlib.contextmanager
+def pip_installed(source: Path, package: str):
+    """pip install the package in ``source`` as a user would (no dependencies: lmflow is here already), found
+    through its entry points like any installed plugin; uninstalled after unless it was installed before."""
+    pip = [sys.executable, "-m", "pip"]
+    present = subprocess.run([*pip, "show", "--quiet", package], capture_output=True).returncode == 0
+    subprocess.run([*pip, "install", "--quiet", "--no-deps", "--no-build-isolation", str(source)], check=True)
+    try:
+        yield
+    finally:
+        if not present:
+            subprocess.run([*pip, "uninstall", "--quiet", "--yes", package], check=True)

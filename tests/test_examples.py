@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import subprocess
@@ -10,23 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, pip_installed
 
 LMFLOW = Path(sys.executable).with_name("lmflow")  # the console script of this environment
 
 
-@contextlib.contextmanager
 def installed(package: str):
-    """pip install examples/<package>, as a user would; uninstall it after unless it was there before."""
-    pip = [sys.executable, "-m", "pip"]
-    present = subprocess.run([*pip, "show", "--quiet", package], capture_output=True).returncode == 0
-    source = REPO / "examples" / package
-    subprocess.run([*pip, "install", "--quiet", "--no-deps", "--no-build-isolation", str(source)], check=True)
-    try:
-        yield
-    finally:
-        if not present:
-            subprocess.run([*pip, "uninstall", "--quiet", "--yes", package], check=True)
+    """pip install examples/<package>, as a user would (see :func:`helpers.pip_installed`)."""
+    return pip_installed(REPO / "examples" / package, package)
 
 
 @pytest.fixture(scope="module")

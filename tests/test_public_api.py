@@ -18,7 +18,7 @@ import lmflow_core
 
 PLUGIN_SOURCES = sorted(
     path
-    for folder in ("plugins", "examples")
+    for folder in ("plugins", "examples", "tests/plugin_package")
     for path in (REPO / folder).rglob("*.py")
     if "build" not in path.relative_to(REPO).parts
 )
@@ -41,7 +41,7 @@ def lmflow_imports(path: Path) -> list[tuple[int, str, list[str]]]:
 def test_the_sources_checked_include_every_plugin_and_example():
     names = {path.name for path in PLUGIN_SOURCES}
     assert {"lora.py", "templates.py", "lmflow_csv_logger.py"} <= names
-    assert {"lmflow_acme_template.py"} <= names
+    assert {"lmflow_acme_template.py", "lmflow_freeze_bottom.py"} <= names
     package = REPO / "plugins" / "vocab_extension"
     assert set(package.glob("*.py")) <= set(PLUGIN_SOURCES)
     assert {"__init__.py", "commands.py"} <= {path.name for path in package.glob("*.py")}
