@@ -156,3 +156,17 @@ def pip_installed(source: Path, package: str):
     finally:
         if not present:
             subprocess.run([*pip, "uninstall", "--quiet", "--yes", package], check=True)
+
+
+def add_to_catalog(monkeypatch, plugin, name: str) -> None:
+    """Make ``plugin`` part of the catalog (the hooks called on every installed plugin), as if it were installed."""
+    from lmflow_core import plugins as plugins_module
+
+    real = plugins_module.load_catalog
+
+    def catalog():
+        pm, broken = real()
+        pm.register(plugin, name=name)
+        return pm, broken
+
+    monkeypatch.setattr(plugins_module, "load_catalog", catalog)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, add_to_catalog
 
 from lmflow_core import PluginOption, hookimpl, run
 from lmflow_core.errors import ConfigError, LmflowError
@@ -506,19 +506,12 @@ def test_hook_decode_is_used_for_samples(recorded_run):
 
 
 def test_hook_register_templates_adds_a_template_usable_by_name(monkeypatch):
-    from lmflow_core import plugins as plugins_module
     from lmflow_core.catalog import available_templates, get_template
 
     extra = TurnTemplate(name="bracket", user="[{content}]", assistant="{content}!")
-    module = types.SimpleNamespace(register_templates=hookimpl(lambda: [extra]))
-    real = plugins_module.load_catalog
-
-    def catalog():
-        pm, broken = real()
-        pm.register(module, name="bracket_plugin")
-        return pm, broken
-
-    monkeypatch.setattr(plugins_module, "load_catalog", catalog)
+    add_to_catalog(
+        monkeypatch, types.SimpleNamespace(register_templates=hookimpl(lambda: [extra])), "bracket_plugin"
+    )
     assert "bracket" in available_templates() and "chatml" in available_templates()
     assert get_template("bracket") is extra
 
@@ -528,22 +521,15 @@ def test_hook_register_commands_adds_a_cli_command(monkeypatch):
     from click.testing import CliRunner
 
     from lmflow_core import cli as cli_module
-    from lmflow_core import plugins as plugins_module
 
     def register_commands(cli):
         @cli.command("hello-test")
         def hello():
             click.echo("hello from a plugin")
 
-    module = types.SimpleNamespace(register_commands=hookimpl(register_commands))
-    real = plugins_module.load_catalog
-
-    def catalog():
-        pm, broken = real()
-        pm.register(module, name="hello_plugin")
-        return pm, broken
-
-    monkeypatch.setattr(plugins_module, "load_catalog", catalog)
+    add_to_catalog(
+        monkeypatch, types.SimpleNamespace(register_commands=hookimpl(register_commands)), "hello_plugin"
+    )
     cli_module._register_plugin_commands()
     try:
         result = CliRunner().invoke(cli_module.cli, ["hello-test"])

@@ -12,7 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, add_to_catalog
 
 import lmflow_core
 
@@ -137,7 +137,6 @@ def test_plugin_commands_get_debug_from_the_core(monkeypatch):
     from click.testing import CliRunner
 
     from lmflow_core import cli as cli_module
-    from lmflow_core import plugins as plugins_module
 
     def register_commands(cli):
         @cli.command("fail-test")
@@ -154,14 +153,7 @@ def test_plugin_commands_get_debug_from_the_core(monkeypatch):
             click.echo(f"own debug: {debug}")
 
     module = types.SimpleNamespace(register_commands=lmflow_core.hookimpl(register_commands))
-    real = plugins_module.load_catalog
-
-    def catalog():
-        pm, broken = real()
-        pm.register(module, name="debug_test_plugin")
-        return pm, broken
-
-    monkeypatch.setattr(plugins_module, "load_catalog", catalog)
+    add_to_catalog(monkeypatch, module, "debug_test_plugin")
     cli_module._register_plugin_commands()
     try:
         runner = CliRunner()
