@@ -399,6 +399,32 @@ def test_a_sentencepiece_model_round_trips_through_the_file(llama2_dirs, exporte
     assert meta["tokenizer.ggml.add_bos_token"] is True
 
 
+@pytest.mark.slow
+def test_a_vocabulary_grown_by_vocab_extend_is_exported_with_its_new_tokens_and_merges(tmp_path):
+    """`lmflow vocab extend` takes about 10 s."""
+    from pydoc_data.topics import topics
+
+    from lmflow_plugins.gguf.vocab import gguf_vocab
+    from lmflow_plugins.vocab_extension import extend_vocabulary
+    from transformers import AutoTokenizer
+
+    from lmflow_core.demo import demo_model_dir
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(topics[key] for key in sorted(topics))[:20_000], encoding="utf-8")
+    report = extend_vocabulary([str(corpus)], str(demo_model_dir()), 400, tmp_path / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    old = len(AutoTokenizer.from_pretrained(demo_model_dir()))
+    assert report.added > 0 and len(tokenizer) == old + report.added
+    vocab = gguf_vocab(tokenizer, len(tokenizer))
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    assert vocab.tokens == [by_id[i] for i in range(len(tokenizer))]
+    assert set(vocab.token_types[old:]) == {gguf.TokenType.NORMAL}
+    spec = json.loads((tmp_path / "tokenizer" / "tokenizer.json").read_text())
+    assert vocab.merges == [" ".join(m) for m in spec["model"]["merges"]]
+    assert (vocab.model, vocab.pre) == ("gpt2", "gpt-2")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The command, LoRA adapters, a run
 # --------------------------------------------------------------------------------------------------------------
