@@ -5,6 +5,7 @@ adapters, RoPE scaling and bad input."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -286,6 +287,10 @@ def test_llama_metadata_and_tensors_follow_the_conventions(llama_dir, exported):
     assert token_types[100] == gguf.TokenType.NORMAL
     assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     assert meta["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
+    # The demo tokenizer names no BOS: the model config's is written, as llama.cpp's converter does.
+    assert tokenizer.bos_token_id is None
+    assert meta["tokenizer.ggml.bos_token_id"] == config.bos_token_id
+    assert meta["tokenizer.ggml.add_bos_token"] is False
 
     block = {"attn_norm": [32], "attn_q": [32, 32], "attn_k": [16, 32], "attn_v": [16, 32]}
     block |= {"attn_output": [32, 32], "ffn_norm": [32], "ffn_gate": [64, 32], "ffn_up": [64, 32]}
@@ -470,6 +475,37 @@ def test_a_lora_adapter_is_merged_before_export(llama_dir, tmp_path):
 
     path = export_gguf(tmp_path / "adapter", tmp_path / "adapter.gguf", outtype="f32").path
     assert compare(path, expected)[0] < 1e-4
+
+
+def test_the_plugin_is_found_through_the_entry_point_group():
+    from lmflow_core.plugins import discover_plugins
+
+    info = discover_plugins()["gguf"]
+    assert info.builtin and info.module == "lmflow_plugins.gguf"
+
+
+@pytest.mark.slow
+def test_the_installed_command_exports(llama_dir, tmp_path):
+    """`lmflow export gguf` as a user runs it: the plugin's command found through its entry point."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.gguf"
+    command = [
+        sys.executable,
+        "-m",
+        "lmflow_core.cli",
+        "export",
+        "gguf",
+        str(llama_dir),
+        "--output",
+        str(out),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert read_gguf(out)[0]["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
 
 
 @pytest.mark.slow

@@ -123,7 +123,9 @@ def export_gguf(
     output_path = Path(output).expanduser()
     check_output_path(output_path, overwrite)
     check_output_apart(output_path, [model] + ([base] if base else []))
-    model_config = load_model_config(str(model), trust_remote_code, option="MODEL")
+    model_config = load_model_config(
+        base or str(model), trust_remote_code, option="--base" if base else "MODEL"
+    )
     check_architecture(model_config)
 
     quiet_libraries()
@@ -191,7 +193,8 @@ def write_gguf(
     arch_member, permutes = check_architecture(config)
     arch = gguf.MODEL_ARCH[arch_member]
     n_vocab = model.get_input_embeddings().weight.shape[0]
-    vocab = gguf_vocab(tokenizer, n_vocab, sp_model)
+    fallback_ids = {kind: getattr(config, f"{kind}_token_id", None) for kind in ("bos", "eos", "pad")}
+    vocab = gguf_vocab(tokenizer, n_vocab, sp_model, fallback_ids)
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

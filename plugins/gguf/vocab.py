@@ -71,7 +71,12 @@ class GGUFVocab:
             writer.add_chat_template(self.chat_template)
 
 
-def gguf_vocab(tokenizer: Any, n_vocab: int, sp_model: str | Path | None = None) -> GGUFVocab:
+def gguf_vocab(
+    tokenizer: Any,
+    n_vocab: int,
+    sp_model: str | Path | None = None,
+    fallback_ids: dict[str, Any] | None = None,
+) -> GGUFVocab:
     """The GGUF vocabulary of a transformers (fast) tokenizer, padded to the model's ``n_vocab`` embedding rows.
 
     Args:
@@ -79,6 +84,8 @@ def gguf_vocab(tokenizer: Any, n_vocab: int, sp_model: str | Path | None = None)
         n_vocab: rows of the model's embedding matrix; ids the tokenizer lacks become ``[PAD<id>]`` tokens.
         sp_model: a SentencePiece ``tokenizer.model`` that may hold the true scores (used when it agrees with
             the tokenizer).
+        fallback_ids: special token ids for those the tokenizer does not name (``bos``, ``eos``, ``pad``), from
+            the model's config, as llama.cpp's converter reads them from ``config.json``.
 
     Raises:
         LmflowError: a tokenizer of another kind, or one larger than the embedding matrix.
@@ -114,10 +121,15 @@ def gguf_vocab(tokenizer: Any, n_vocab: int, sp_model: str | Path | None = None)
         "unk": tokenizer.unk_token_id,
         "pad": tokenizer.pad_token_id,
     }
+    for kind, value in (fallback_ids or {}).items():
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if ids.get(kind) is None and isinstance(value, int) and 0 <= value < n_vocab:
+            ids[kind] = value
     result.special_ids = {kind: int(i) for kind, i in ids.items() if i is not None}
     encoded = tokenizer("a", add_special_tokens=True)["input_ids"]
-    result.add_bos = ids["bos"] is not None and encoded[:1] == [ids["bos"]]
-    result.add_eos = ids["eos"] is not None and encoded[-1:] == [ids["eos"]]
+    result.add_bos = tokenizer.bos_token_id is not None and encoded[:1] == [tokenizer.bos_token_id]
+    result.add_eos = tokenizer.eos_token_id is not None and encoded[-1:] == [tokenizer.eos_token_id]
     template = getattr(tokenizer, "chat_template", None)
     result.chat_template = template if isinstance(template, str) else None
     return result
