@@ -63,11 +63,11 @@ def rms_norm(x, weight, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
-def rope(x, positions, base, freq_scale, neox):
+def rope(x, positions, base, freq_scale, neox, divisors=1.0):
     """llama.cpp's ggml_rope: NORM mode rotates adjacent pairs (x0, x1), (x2, x3)...; NEOX mode rotates
-    (x_i, x_{i + d/2})."""
+    (x_i, x_{i + d/2}); ``divisors``: the per-frequency factors of a ``rope_freqs`` tensor."""
     d = x.shape[-1]
-    theta = positions[:, None] * freq_scale * base ** (-np.arange(0, d, 2) / d)  # (T, d/2)
+    theta = positions[:, None] * freq_scale * base ** (-np.arange(0, d, 2) / d) / divisors  # (T, d/2)
     cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
     if neox:
         a, b = x[..., : d // 2], x[..., d // 2 :]
@@ -92,6 +92,7 @@ def gguf_forward(path: Path, ids: list[int], neox: bool | None = None) -> np.nda
     )
     base = key("rope.freq_base")
     scale = 1.0 / key("rope.scaling.factor") if meta.get(f"{arch}.rope.scaling.type") == "linear" else 1.0
+    divisors = w.get("rope_freqs.weight", 1.0)
     neox = (arch == "qwen2") if neox is None else neox
     x = w["token_embd.weight"][ids]
     steps, positions = len(ids), np.arange(len(ids), dtype=np.float64)
@@ -101,8 +102,8 @@ def gguf_forward(path: Path, ids: list[int], neox: bool | None = None) -> np.nda
         h = rms_norm(x, w[p + "attn_norm.weight"], eps)
         q, k, v = (h @ w[p + f"attn_{n}.weight"].T + w.get(p + f"attn_{n}.bias", 0.0) for n in "qkv")
         head_dim = q.shape[-1] // n_head
-        q = rope(q.reshape(steps, n_head, head_dim), positions, base, scale, neox)
-        k = rope(k.reshape(steps, n_kv, head_dim), positions, base, scale, neox)
+        q = rope(q.reshape(steps, n_head, head_dim), positions, base, scale, neox, divisors)
+        k = rope(k.reshape(steps, n_kv, head_dim), positions, base, scale, neox, divisors)
         v = v.reshape(steps, n_kv, head_dim)
         group = n_head // n_kv
         out = np.empty((steps, n_head, head_dim))
@@ -328,6 +329,19 @@ def test_rope_scaling_written_by_the_rope_scaling_plugin_is_exported(tmp_path, e
     assert meta["llama.rope.scaling.type"] == "yarn"
     assert meta["llama.rope.scaling.factor"] == pytest.approx(4.0)
     assert meta["llama.rope.scaling.original_context_length"] == 256
+
+    # llama3 scaling is a rope_freqs tensor of per-frequency divisors, which the forward pass applies.
+    llama3_dir = save_tiny_model("llama", tmp_path / "llama3", seed=7, initializer_range=0.1)
+    config = AutoConfig.from_pretrained(llama3_dir)
+    apply_rope_scaling(config, "llama3", factor=4.0)
+    config.save_pretrained(llama3_dir)
+    path = exported(llama3_dir, "f32")
+    meta, weights, _ = read_gguf(path)
+    assert "llama.rope.scaling.type" not in meta
+    assert weights["rope_freqs.weight"].tolist() == pytest.approx([1.0, 1.0, 4.0, 4.0])
+    assert compare(path, hf_logits(llama3_dir, IDS))[0] < 1e-4
+    plain_dir = save_tiny_model("llama", tmp_path / "plain", seed=7, initializer_range=0.1)
+    assert compare(path, hf_logits(plain_dir, IDS))[0] > 1e-2  # the scaling changes the logits
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
   row's length is a multiple of its block size (else f16, as llama.cpp's converter falls back). With q4_0 the
   output matrix is q8_0, as llama.cpp's quantizer keeps it at higher precision.
 * Names and quantizers: the ``gguf`` package's (``gguf.get_tensor_name_map``, ``gguf.quants.quantize``).
+* RoPE scaling: ``linear`` and ``yarn`` as metadata keys; ``llama3`` as llama.cpp's ``rope_freqs`` tensor of
+  per-frequency divisors.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .vocab import gguf_vocab
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # transformers model_type -> (gguf.MODEL_ARCH member, whether Q/K are permuted for llama.cpp's RoPE)
 ARCHITECTURES = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
-ROPE_TYPES = ("default", "linear", "yarn")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 SP_MODEL = "tokenizer.model"
 
 
@@ -65,7 +67,7 @@ def check_architecture(model_config: Any) -> tuple[str, bool]:
     if rope_type not in ROPE_TYPES:
         raise LmflowError(
             f"cannot export {rope_type} RoPE scaling to GGUF",
-            "supported: no scaling, linear or yarn (lmflow run --plugins rope_scaling --rope-type linear|yarn)",
+            "supported: no scaling, linear, yarn or llama3 (lmflow run --plugins rope_scaling --rope-type ...)",
         )
     return ARCHITECTURES[kind]
 
@@ -298,6 +300,22 @@ def _tensors(model: Any, config: Any, arch: Any, outtype: str, permute: bool, gg
         output_matrix = name == "output.weight" or (tied and name == "token_embd.weight")
         qtype = tensor_type(name, data.shape, outtype, gguf, output_matrix)
         yield name, gguf.quants.quantize(data, qtype), qtype
+    if rope_parameters(config).get("rope_type") == "llama3":
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        yield name, rope_frequency_factors(config), gguf.GGMLQuantizationType.F32
+
+
+def rope_frequency_factors(config: Any) -> Any:
+    """llama.cpp's ``rope_freqs`` for llama3 scaling: each frequency's divisor, unscaled / scaled, as
+    transformers computes the scaled frequencies (llama.cpp divides the rotation angle by it)."""
+    import numpy as np
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base = float(rope_parameters(config).get("rope_theta", 10000.0))
+    unscaled = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    return (unscaled / scaled.double().numpy()).astype(np.float32)
 
 
 def tensor_type(
