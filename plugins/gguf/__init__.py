@@ -4,10 +4,10 @@ load.
     lmflow export gguf MODEL --output model.gguf --outtype q8_0
     lmflow run ... --plugins gguf --gguf-outtype q4_0      # also writes model.gguf into the output directory
 
-The file holds the architecture and hyperparameters (context, RoPE base and linear/YaRN scaling, norm epsilon,
-heads and KV heads), the tokenizer (SentencePiece with scores and token types, or byte-level BPE with merges and
-the pre-tokenizer's name), its special token ids, the chat template the model was trained with, and the weights
-in llama.cpp's layout (see ``export.py``). A LoRA adapter is merged into its base first. Needs the ``gguf``
+The file holds the architecture and hyperparameters (context, RoPE base and linear, YaRN or llama3 scaling, norm
+epsilon, heads and KV heads), the tokenizer (SentencePiece with scores and token types, or byte-level BPE with
+merges and the pre-tokenizer's name), its special token ids, the chat template the model was trained with, and
+the weights in llama.cpp's layout (see ``export.py``). A LoRA adapter is merged into its base first. Needs the ``gguf``
 package (``pip install gguf``, pure Python).
 """
 
