@@ -114,14 +114,14 @@ def prepare_model(config: RunConfig, model: Any, tokenizer: Any) -> None:
     vocab = causal_lm.get_output_embeddings().weight.shape[0]
     note(
         f"chunked_ce: logits of {state.chunk_size} tokens at a time in training "
-        f"({state.chunk_size * vocab * 4 / 2**20:,.0f} MiB in fp32 for the {vocab:,}-token vocabulary)"
+        f"({_size(state.chunk_size * vocab * 4)} in fp32 for the {vocab:,}-token vocabulary)"
     )
 
 
 def install(model: Any, state: ChunkedState) -> None:
     """Replace ``model.forward`` (a transformers causal LM) with one that takes the chunked path in training
     when ``labels`` are given, and the model's own forward otherwise."""
-    original = model.forward
+    original = getattr(model.forward, "__wrapped__", model.forward) if _installed(model) else model.forward
     signature = inspect.signature(original)
     keywords = next(
         (n for n, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None
@@ -140,7 +140,20 @@ def install(model: Any, state: ChunkedState) -> None:
         state.chunked_forwards += 1
         return chunked_forward(model, arguments, extra, labels, state.chunk_size)
 
+    forward.chunked_ce_state = state  # type: ignore[attr-defined]
     model.forward = forward
+
+
+def _installed(model: Any) -> bool:
+    return hasattr(model.forward, "chunked_ce_state")
+
+
+def _size(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if count < 1024:
+            return f"{count:,.0f} {unit}"
+        count /= 1024
+    return f"{count:,.1f} GiB"
 
 
 def chunked_forward(

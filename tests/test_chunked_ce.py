@@ -274,10 +274,10 @@ def test_the_cli_run_matches_a_plain_run(tiny_llama, plain_losses, runner, tmp_p
 @pytest.mark.parametrize(
     "settings",
     [
-        {"packing": True, "grad_accum": 2, "gradient_checkpointing": True},
-        pytest.param({"plugins": ["lora"]}, marks=pytest.mark.slow),
+        {"plugins": ["chunked_ce"], "packing": True, "grad_accum": 2, "gradient_checkpointing": True},
+        pytest.param({"plugins": ["chunked_ce", "lora"]}, marks=pytest.mark.slow),
         pytest.param(
-            {"plugins": ["lisa"], "lisa": {"activated_layers": 1, "interval_steps": 1}},
+            {"plugins": ["lisa", "chunked_ce"], "lisa": {"activated_layers": 1, "interval_steps": 1}},
             marks=pytest.mark.slow,
         ),
     ],
@@ -286,15 +286,11 @@ def test_the_cli_run_matches_a_plain_run(tiny_llama, plain_losses, runner, tmp_p
 def test_runs_compose_with_packing_accumulation_checkpointing_lora_and_lisa(
     tiny_llama, chat_data, tmp_path, settings
 ):
-    plugins = settings.pop("plugins", [])
-    expected = run(tiny_llama, chat_data, tmp_path / "plain", plugins=plugins, **settings).losses
+    plugins = settings.pop("plugins")
+    plain = [name for name in plugins if name != "chunked_ce"]
+    expected = run(tiny_llama, chat_data, tmp_path / "plain", plugins=plain, **settings).losses
     got = run(
-        tiny_llama,
-        chat_data,
-        tmp_path / "chunked",
-        plugins=[*plugins, "chunked_ce"],
-        chunked_ce={"chunk_size": 8},
-        **settings,
+        tiny_llama, chat_data, tmp_path / "chunked", plugins=plugins, chunked_ce={"chunk_size": 8}, **settings
     ).losses
     assert_same_losses(got, expected)
 
@@ -325,3 +321,40 @@ def test_sharding_engines_are_refused_with_the_reason(runner, fast_run_args, eng
     error = assert_one_line_error(result, "chunked_ce", engine)
     assert "gradient" in error
     assert model_loads == []
+
+
+@pytest.mark.slow
+def test_two_processes_with_chunked_ce_match_one_plain_process(tiny_llama, chat_data, tmp_path):
+    """DDP: the head's gradients, taken chunk by chunk, are averaged like every other gradient."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def lmflow(out, batch_size, *extra):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env.pop("LOCAL_RANK", None)
+        args = [
+            "run", "--model", tiny_llama, "--dataset", chat_data, "--template", "chatml", "--max-steps", 3,
+            "--batch-size", batch_size, "--learning-rate", "1e-3", "--logging-steps", 1, "--save-steps", 0,
+            "--output-dir", out, *extra,
+        ]  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "lmflow_core.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return json.loads((out / "lmflow_run.json").read_text())["result"]["losses"]
+
+    single = lmflow(tmp_path / "single", 8)
+    double = lmflow(
+        tmp_path / "ddp", 4, "--nproc", 2, "--plugins", "chunked_ce", "--chunked-ce-chunk-size", 8
+    )
+    for (_, a), (_, b) in zip(single, double):
+        assert abs(a - b) < 1e-4
+    reference = load_file(str(tmp_path / "single" / "model.safetensors"))
+    weights = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    assert max((reference[k] - weights[k]).abs().max().item() for k in reference) < 1e-5
