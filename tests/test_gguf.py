@@ -225,6 +225,17 @@ def test_qwen2_logits_from_the_file_match_transformers(qwen2_dir, exported, outt
         assert types["blk.0.ffn_up.weight"] == outtype.upper()
 
 
+def test_a_bf16_model_exported_as_bf16_loses_nothing(tmp_path, exported):
+    import torch
+
+    model_dir = save_tiny_model(
+        "llama", tmp_path / "bf16", seed=3, initializer_range=0.1, dtype=torch.bfloat16
+    )
+    path = exported(model_dir, "bf16")
+    assert read_gguf(path)[2]["blk.0.attn_q.weight"] == "BF16"
+    assert compare(path, hf_logits(model_dir, IDS))[0] < TOLERANCE["f32"]
+
+
 def test_mistral_exports_as_llama(tmp_path, exported):
     model_dir = save_tiny_model("mistral", tmp_path / "mistral", seed=6, **MISTRAL_SHAPE)
     path = exported(model_dir, "f32")

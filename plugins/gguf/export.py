@@ -136,7 +136,7 @@ def export_gguf(
         base=base,
         plugins=list(plugins),
         device="cpu",
-        dtype="float32",
+        dtype="auto",  # the stored dtype: each tensor is converted to float32 only while it is written
         trust_remote_code=trust_remote_code,
     )
     network = loaded.model
