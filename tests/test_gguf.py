@@ -590,3 +590,12 @@ def test_a_failed_export_leaves_the_old_file_and_no_temporary_file(llama_dir, tm
         export_gguf(llama_dir, out, outtype="f32", overwrite=True)
     assert out.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+def test_without_the_gguf_package_the_error_says_how_to_install_it(llama_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
+    with pytest.raises(LmflowError, match="pip install gguf"):
+        export_gguf(llama_dir, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []

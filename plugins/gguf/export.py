@@ -122,6 +122,7 @@ def export_gguf(
     """
     if outtype not in OUTTYPES:
         raise LmflowError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    import_gguf()
     output_path = Path(output).expanduser()
     check_output_path(output_path, overwrite)
     check_output_apart(output_path, [model] + ([base] if base else []))
@@ -151,6 +152,18 @@ def export_gguf(
         sp_model=find_sp_model(str(model), loaded.tokenizer),
         permute=permute,
     )
+
+
+def import_gguf() -> Any:
+    """The ``gguf`` package, or a one-line error saying how to install it."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise LmflowError(
+            "exporting to GGUF needs the gguf package, which is not installed",
+            "install it with `pip install gguf` (or lmflow's extra: pip install -e .[gguf])",
+        ) from exc
+    return gguf
 
 
 def check_output_path(output: Path, overwrite: bool) -> None:
@@ -185,8 +198,7 @@ def write_gguf(
 
     The caller decides whether ``output`` may be replaced; see :func:`export_gguf`.
     """
-    import gguf
-
+    gguf = import_gguf()
     if outtype not in OUTTYPES:
         raise LmflowError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     if tokenizer is None:
@@ -202,8 +214,8 @@ def write_gguf(
     output.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(handle)
+    writer = gguf.GGUFWriter(temp, gguf.MODEL_ARCH_NAMES[arch])
     try:
-        writer = gguf.GGUFWriter(temp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or getattr(config, "_name_or_path", "") or "model")
         _add_hyperparameters(writer, config, arch_member, gguf)
@@ -220,6 +232,7 @@ def write_gguf(
         writer.close()
         os.replace(temp, output)
     finally:
+        writer.close()
         if os.path.exists(temp):
             os.unlink(temp)
     return ExportReport(
