@@ -235,15 +235,38 @@ def chunked_causal_lm_loss(
 
 def _chunk_loss(head: Any, hidden: Any, targets: Any, softcap: float | None, ignore_index: int) -> Any:
     """The summed cross-entropy of one chunk, with the ops (and their order) of the model and transformers."""
+    return _logits_loss(head(hidden), targets, softcap, ignore_index)
+
+
+def _logits_loss(logits: Any, targets: Any, softcap: float | None, ignore_index: int) -> Any:
     import torch
 
-    logits = head(hidden)
     if softcap is not None:
         logits = logits / softcap
         logits = torch.tanh(logits)
         logits = logits * softcap
     return torch.nn.functional.cross_entropy(
         logits.float(), targets, ignore_index=ignore_index, reduction="sum"
+    )
+
+
+def _plain_linear(head: Any) -> bool:
+    """Whether ``head`` is a bare fp32 ``nn.Linear`` that nothing hooks, outside autocast: then its matrix
+    products are taken directly and the weight's gradient accumulates in place, chunk after chunk."""
+    import torch
+    from torch.nn.modules import module
+
+    hooked = (
+        head._forward_hooks
+        or head._forward_pre_hooks
+        or module._global_forward_hooks
+        or module._global_forward_pre_hooks
+    )
+    return (
+        type(head) is torch.nn.Linear
+        and not hooked
+        and head.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled(head.weight.device.type)
     )
 
 
@@ -259,16 +282,32 @@ def _autograd_function() -> Any:
             grad_hidden = torch.zeros_like(hidden) if wants_hidden else None
             grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            linear = _plain_linear(head)
+            slot = {id(p): i for i, p in enumerate(params)}
             for start in range(0, targets.shape[0], chunk_size):
-                chunk = hidden[start : start + chunk_size].detach().requires_grad_(wants_hidden)
-                with torch.enable_grad():
-                    loss = _chunk_loss(
-                        head, chunk, targets[start : start + chunk_size], softcap, ignore_index
+                end = start + chunk_size
+                chunk = hidden[start:end].detach().requires_grad_(wants_hidden and not linear)
+                if linear:
+                    loss = _linear_chunk(
+                        head,
+                        chunk,
+                        targets[start:end],
+                        softcap,
+                        ignore_index,
+                        grad_hidden,
+                        start,
+                        end,
+                        slot,
+                        grad_params,
                     )
+                    total += loss
+                    continue
+                with torch.enable_grad():
+                    loss = _chunk_loss(head, chunk, targets[start:end], softcap, ignore_index)
                 inputs = ([chunk] if wants_hidden else []) + list(params)
                 grads = torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad else ()
                 if wants_hidden and grads and grads[0] is not None:
-                    grad_hidden[start : start + chunk_size] = grads[0]
+                    grad_hidden[start:end] = grads[0]
                 for accumulated, grad in zip(grad_params, grads[1 if wants_hidden else 0 :]):
                     if grad is not None:
                         accumulated += grad
@@ -287,6 +326,26 @@ def _autograd_function() -> Any:
             return (grad_hidden, None, None, None, None, None, *grad_params)
 
     return ChunkedLoss
+
+
+def _linear_chunk(head, chunk, targets, softcap, ignore_index, grad_hidden, start, end, slot, grad_params):
+    """One chunk through a bare ``nn.Linear`` head: its loss, and its gradients added into the accumulators
+    (the products autograd takes for a linear layer, written into place)."""
+    import torch
+
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(chunk, head.weight, head.bias)
+    logits.requires_grad_(True)
+    with torch.enable_grad():
+        loss = _logits_loss(logits, targets, softcap, ignore_index)
+    (grad_logits,) = torch.autograd.grad(loss, logits)
+    if grad_hidden is not None:
+        torch.mm(grad_logits, head.weight, out=grad_hidden[start:end])
+    if id(head.weight) in slot:
+        grad_params[slot[id(head.weight)]].addmm_(grad_logits.t(), chunk)
+    if head.bias is not None and id(head.bias) in slot:
+        grad_params[slot[id(head.bias)]] += grad_logits.sum(0)
+    return loss.detach()
 
 
 class _LazyFunction:

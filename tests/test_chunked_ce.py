@@ -157,6 +157,32 @@ def test_lora_on_the_head_and_beside_it():
         assert any("lm_head" in n for n in trained)
 
 
+@pytest.mark.parametrize("hooked", [False, True], ids=["bare-linear-head", "hooked-head"])
+def test_the_loss_never_sees_more_than_a_chunk_of_logits(monkeypatch, hooked):
+    """Both ways through the head: a bare nn.Linear (products taken directly) and a module called as it is."""
+    plain, chunked = plain_and_chunked(family_model("gemma2"), chunk_size=6)
+    head_calls = []
+    if hooked:
+        chunked.lm_head.register_forward_hook(lambda module, inputs, output: head_calls.append(output.shape))
+    assert chunked_ce._plain_linear(chunked.lm_head) is not hooked
+    seen = []
+    real = torch.nn.functional.cross_entropy
+
+    def recording(logits, *args, **kwargs):
+        seen.append(tuple(logits.shape))
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", recording)
+    ids, labels = batch()
+    assert_same(plain, chunked, input_ids=ids, labels=labels)
+    plain_shapes, chunked_shapes = seen[:1], seen[1:]
+    assert plain_shapes == [(39, VOCAB)]
+    assert [rows for rows, _ in chunked_shapes] == [6] * 6 + [3]
+    assert [shape[-2] if len(shape) > 2 else shape[0] for shape in head_calls] == (
+        [6] * 6 + [3] if hooked else []
+    )
+
+
 def test_evaluation_and_generation_get_the_models_own_logits():
     plain = family_model("llama")
     chunked = copy.deepcopy(plain)
