@@ -15,6 +15,8 @@ How it is done, and why:
   head module itself, so peft's LoRA layers and ``modules_to_save`` wrappers on the head work); the chunk's
   logits are then freed. The backward pass only scales these gradients by the incoming one. The head's matrix
   products are those of plain training (one forward, two backward), not one more as recomputing would cost.
+  A bare fp32 ``nn.Linear`` head that nothing hooks (every supported family's, outside autocast) takes these
+  products directly and adds each chunk's weight gradient into one buffer in place.
 * **The same loss as transformers.** ``ForCausalLMLoss``: labels shifted by one inside (or ``shift_labels``),
   ``-100`` ignored, logits upcast to fp32, the sum divided by ``num_items_in_batch`` when the trainer passes it
   (gradient accumulation), else the mean over the scored tokens.
