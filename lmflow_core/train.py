@@ -267,7 +267,6 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
         ("--tokenizer", config.tokenizer),
         ("--template", config.template),
     ]
-    plan = plan_output_dir(config, Path(config.output_dir), inputs)
     stored = stored_run(model_source(config))
     template_name = config.template or stored.get("template")
     template = get_template(template_name) if template_name else None
@@ -277,8 +276,10 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
 
     if not config.dataset:
         raise ConfigError("no training data", "pass --dataset (a .json/.jsonl file or a directory)")
-    # The plugins' validate_config (every problem at once), then configure_model: before the data is read.
+    # The plugins' validate_config (every problem at once), then configure_model: before the output directory
+    # is judged and the data is read.
     model_config = model_config_for(config, run_plugins)
+    plan = plan_output_dir(config, Path(config.output_dir), inputs)
     train_raw = load_raw_dataset(config.dataset, template, config.max_samples, normalize)
     eval_raw = (
         load_raw_dataset(config.eval_dataset, template, config.max_samples, normalize)
