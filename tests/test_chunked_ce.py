@@ -237,10 +237,10 @@ def run(tiny_llama, chat_data, out, **settings):
     )
 
 
-def assert_same_losses(got, expected):
+def assert_same_losses(got, expected, rel=1e-5):
     assert [step for step, _ in got] == [step for step, _ in expected] == [1, 2, 3]
     for (_, a), (_, b) in zip(got, expected):
-        assert a == pytest.approx(b, rel=1e-5)
+        assert a == pytest.approx(b, rel=rel)
 
 
 @pytest.fixture(scope="module")
@@ -306,8 +306,11 @@ def test_the_cli_run_matches_a_plain_run(tiny_llama, plain_losses, runner, tmp_p
             {"plugins": ["lisa", "chunked_ce"], "lisa": {"activated_layers": 1, "interval_steps": 1}},
             marks=pytest.mark.slow,
         ),
+        pytest.param(
+            {"plugins": ["chunked_ce"], "bf16": True, "gradient_checkpointing": True}, marks=pytest.mark.slow
+        ),
     ],
-    ids=["packing-accumulation-checkpointing", "lora", "lisa"],
+    ids=["packing-accumulation-checkpointing", "lora", "lisa", "bf16-checkpointing"],
 )
 def test_runs_compose_with_packing_accumulation_checkpointing_lora_and_lisa(
     tiny_llama, chat_data, tmp_path, settings
@@ -318,7 +321,8 @@ def test_runs_compose_with_packing_accumulation_checkpointing_lora_and_lisa(
     got = run(
         tiny_llama, chat_data, tmp_path / "chunked", plugins=plugins, chunked_ce={"chunk_size": 8}, **settings
     ).losses
-    assert_same_losses(got, expected)
+    # bf16: the body's rounding differs with the order of the head's gradient sums.
+    assert_same_losses(got, expected, rel=1e-3 if settings.get("bf16") else 1e-5)
 
 
 def test_an_unsupported_family_is_refused_before_the_model_loads(runner, chat_data, tmp_path, model_loads):
