@@ -261,8 +261,12 @@ def _plain_linear(head: Any) -> bool:
     hooked = (
         head._forward_hooks
         or head._forward_pre_hooks
+        or head._backward_hooks
+        or head._backward_pre_hooks
         or module._global_forward_hooks
         or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
     )
     return (
         type(head) is torch.nn.Linear
