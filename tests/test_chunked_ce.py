@@ -8,21 +8,14 @@ import types
 
 import pytest
 import torch
-from helpers import assert_one_line_error, invoke, save_tiny_model, tiny_model
+from helpers import TINY_SHAPES, assert_one_line_error, invoke, save_tiny_model, tiny_model
 from lmflow_plugins import chunked_ce
 
 import lmflow_core
 from lmflow_core import hookimpl
 
 VOCAB = 101
-DECODER = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+DECODER = dict(TINY_SHAPES["llama"])  # the tiny decoder shape, for the families without a default one
 # Every supported family, tied and untied heads, Gemma 2's final-logit softcapping.
 FAMILIES = {
     "llama": {},
