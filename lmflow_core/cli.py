@@ -27,7 +27,7 @@ from .clickopts import (
 )
 from .config import RunConfig, core_options
 from .errors import LmflowError
-from .plugins import parse_plugin_names
+from .options import parse_plugin_names
 from .version import __version__
 
 

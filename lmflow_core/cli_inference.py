@@ -17,7 +17,7 @@ import click
 
 from .clickopts import PluginCommand, debug_option, given, plugin_values
 from .errors import LmflowError
-from .plugins import parse_plugin_names
+from .options import parse_plugin_names
 
 
 def session_options(function: Callable) -> Callable:

@@ -23,14 +23,11 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError
 from .options import Option
-from .options import parse_plugin_names as parse_plugin_names  # its home is options: config imports it there
 
 ENTRY_POINT_GROUP = "lmflow.plugins"
 DISTRIBUTION = "lmflow"
 TRACE_ENV = "LMFLOW_TRACE_HOOKS"
 CORE_PLUGIN = "core"
-
-hookimpl = hookspecs.hookimpl
 
 
 @dataclass(frozen=True)

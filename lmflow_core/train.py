@@ -18,7 +18,8 @@ from .evaluation import evaluate_hooks
 from .hookspecs import StepContext
 from .loading import model_config_for, tokenizer_for, weights_for
 from .models import block_size_for, stored_run
-from .plugins import RunPlugins, discover_plugins, fold, parse_plugin_names, select_plugins
+from .options import parse_plugin_names
+from .plugins import RunPlugins, discover_plugins, fold, select_plugins
 from .report import Reporter, format_duration, quiet_libraries
 from .rundir import (
     OutputPlan,

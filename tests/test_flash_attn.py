@@ -95,7 +95,7 @@ class ModelSpy:
 
 @pytest.mark.skipif(flash_attn.detect_machine().cuda_capability is not None, reason="checks the CPU fallback")
 def test_without_a_gpu_the_run_says_why_and_trains_with_sdpa(tiny_llama, tmp_path):
-    from lmflow_core.plugins import hookimpl
+    from lmflow_core import hookimpl
 
     spy = SimpleNamespace(on_train_end=hookimpl(ModelSpy.on_train_end))
     data = write_json(tmp_path / "chat.json", {"type": "conversation", "instances": conversations()})

@@ -10,11 +10,11 @@ from helpers import invoke
 
 from lmflow_core import PluginOption, hookimpl
 from lmflow_core.errors import PluginError
+from lmflow_core.options import parse_plugin_names
 from lmflow_core.plugins import (
     discover_plugins,
     fold,
     hook_names,
-    parse_plugin_names,
     select_plugins,
 )
 
