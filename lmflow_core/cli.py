@@ -21,6 +21,7 @@ from .clickopts import (
     PluginCommand,
     click_option,
     core_values,
+    dataset_reading_options,
     debug_option,
     plugin_values,
     set_debug,
@@ -229,6 +230,7 @@ def data_group() -> None:
 )
 @click.option("--plugins", help="Plugins whose format_conversation hook should render conversations.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@dataset_reading_options
 @debug_option
 def data_check(
     path: str,
@@ -238,14 +240,20 @@ def data_check(
     block_size: int | None,
     plugins: str | None,
     as_json: bool,
+    dataset_format: str,
+    dataset_config: str | None,
+    dataset_revision: str | None,
 ) -> None:
     """Validate the dataset at PATH and print its statistics.
 
-    Every record is checked (a malformed one is reported with its file and index), then tokenized exactly as
-    `lmflow run` would: counts, token lengths, trained tokens, and how many examples the block size truncates.
+    PATH is a .json/.jsonl file, a directory of them, or a Hugging Face hub dataset (org/name[:split]). Every
+    record is checked (a malformed one is reported with its file and index), then tokenized exactly as
+    `lmflow run` would: the format detected, counts, token lengths, trained tokens, and how many examples the
+    block size truncates.
     """
     from .catalog import get_template
     from .data import load_raw_dataset, tokenize_dataset
+    from .data.formats import FORMAT_NAMES
     from .models import block_size_for, load_model_config, model_source, stored_run
     from .plugins import select_plugins
     from .report import Reporter, quiet_libraries, reporting
@@ -275,7 +283,14 @@ def data_check(
         )
 
     with reporting(Reporter(stream=sys.stderr if as_json else sys.stdout)):  # notes never break --json
-        raw = load_raw_dataset(path, chosen, normalize=normalize)
+        raw = load_raw_dataset(
+            path,
+            chosen,
+            normalize=normalize,
+            dataset_format=dataset_format,
+            dataset_config=dataset_config,
+            dataset_revision=dataset_revision,
+        )
         blocks = block_size_for(config, load_model_config(source), stored.get("block_size"))
         tok = run_plugins.hook.load_tokenizer(config=config)
         _, stats = tokenize_dataset(
@@ -286,13 +301,31 @@ def data_check(
     info.update(
         path=path,
         files=[str(f) for f in raw.files],
+        formats=dict(raw.formats),
+        hub=raw.hub,
         tokenizer="bundled demo" if model is None and tokenizer is None else (tokenizer or model),
         template=template_name if raw.type == "conversation" else None,
     )
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(f"dataset: {path} ({raw.type}, {len(raw.files)} file{'s' if len(raw.files) > 1 else ''})")
+    if raw.hub is not None:
+        hub = raw.hub
+        click.echo(
+            f"dataset: {path} ({raw.type}, hub dataset {hub['repo']}, config {hub['config']}, split "
+            f"{hub['split']}, revision {hub['revision'] or 'unknown'}, from the {hub['from']})"
+        )
+    else:
+        click.echo(f"dataset: {path} ({raw.type}, {len(raw.files)} file{'s' if len(raw.files) > 1 else ''})")
+    how = "detected" if dataset_format == "auto" else "--dataset-format"
+    click.echo(
+        "format: "
+        + ", ".join(
+            f"{FORMAT_NAMES[name]} ({count:,} record{'s' if count != 1 else ''})"
+            for name, count in raw.formats.most_common()
+        )
+        + f" ({how})"
+    )
     converted = "".join(f" ({n} converted from {k})" for k, n in stats.converted.items())
     click.echo(f"records: {stats.records:,}{converted}")
     what = f"tokenizer {info['tokenizer']}" + (f", template {template_name}" if info["template"] else "")

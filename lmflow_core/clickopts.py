@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .config import load_config_file
+from .config import DATASET_FORMATS, core_options, load_config_file
 from .errors import LmflowError
 from .options import Option, parse_plugin_names
 
@@ -83,6 +83,21 @@ def click_option(option: Option, plugin: str | None = None) -> click.Option:
     param.lmflow_plugin = plugin  # type: ignore[attr-defined]
     param.lmflow_group = option.group or (f"Plugin: {plugin}" if plugin else "General")  # type: ignore[attr-defined]
     return param
+
+
+def dataset_reading_options(command: Any) -> Any:
+    """``--dataset-format``, ``--dataset-config`` and ``--dataset-revision`` for a command that reads a dataset
+    outside a run (``data check``, ``evaluate``), with the run's help texts and values."""
+    helps = {option.name: option.help for option in core_options()}
+    command = click.option("--dataset-revision", help=helps["dataset_revision"])(command)
+    command = click.option("--dataset-config", help=helps["dataset_config"])(command)
+    return click.option(
+        "--dataset-format",
+        type=click.Choice(DATASET_FORMATS),
+        default="auto",
+        show_default=True,
+        help=helps["dataset_format"],
+    )(command)
 
 
 def plugin_click_options(args: list[str]) -> list[click.Option]:

@@ -31,6 +31,8 @@ SCHEDULERS = (
     "constant_with_warmup",
     "inverse_sqrt",
 )
+#: --dataset-format values: how records are read (lmflow_core.data.formats reads them).
+DATASET_FORMATS = ("auto", "lmflow", "openai", "sharegpt", "alpaca", "text", "text2text")
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -67,10 +69,29 @@ class RunConfig:
 
     # Data
     dataset: str | None = opt(
-        None, "Training data: a .json/.jsonl file or a directory of them (see README, Data formats).", "Data"
+        None,
+        "Training data: a .json/.jsonl file, a directory of them, or a Hugging Face hub dataset "
+        "(org/name or org/name:split; a local path of that name wins). See README, Data formats.",
+        "Data",
     )
     eval_dataset: str | None = opt(
-        None, "Evaluation data, same formats; scored at the end of the run.", "Data"
+        None,
+        "Evaluation data, same forms (a hub dataset without a split reads its validation or test split); "
+        "scored at the end of the run.",
+        "Data",
+    )
+    dataset_format: str = opt(
+        "auto",
+        "How records are read: auto (detected from each record's keys), lmflow, openai, sharegpt, alpaca, "
+        "text or text2text.",
+        "Data",
+        choices=DATASET_FORMATS,
+    )
+    dataset_config: str | None = opt(
+        None, "Configuration (subset) of a hub dataset, for --dataset and --eval-dataset.", "Data"
+    )
+    dataset_revision: str | None = opt(
+        None, "Revision (commit, branch or tag) of a hub dataset; the commit read is recorded.", "Data"
     )
     template: str | None = opt(
         None,

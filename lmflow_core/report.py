@@ -118,6 +118,12 @@ class Reporter:
         if stats.cached:
             parts.append("from cache")
         self.line(" | ".join(parts))
+        if getattr(raw, "hub", None):
+            hub = raw.hub
+            self.line(
+                f"data ({split}) read from the hub dataset {hub['repo']} (config {hub['config']}, split "
+                f"{hub['split']}, revision {hub['revision'] or 'unknown'}, from the {hub['from']})"
+            )
         if stats.truncated:
             # Every example longer than the block size is in `truncated`, the ones that the cut left without a
             # trained token (also counted in `dropped_untrained`) included: adding the two counts them twice.

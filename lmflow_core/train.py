@@ -276,21 +276,31 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
         return hook.normalize_record(config=config, record=record, declared_type=declared_type, where=where)
 
     if not config.dataset:
-        raise ConfigError("no training data", "pass --dataset (a .json/.jsonl file or a directory)")
+        raise ConfigError(
+            "no training data",
+            "pass --dataset (a .json/.jsonl file, a directory of them, or a hub dataset org/name)",
+        )
     # The plugins' validate_config (every problem at once), then configure_model: before the output directory
     # is judged and the data is read.
     model_config = model_config_for(config, run_plugins)
     plan = plan_output_dir(config, Path(config.output_dir), inputs)
-    train_raw = load_raw_dataset(config.dataset, template, config.max_samples, normalize)
+    reading = {
+        "dataset_format": config.dataset_format,
+        "dataset_config": config.dataset_config,
+        "dataset_revision": config.dataset_revision,
+    }
+    train_raw = load_raw_dataset(config.dataset, template, config.max_samples, normalize, **reading)
     eval_raw = (
-        load_raw_dataset(config.eval_dataset, template, config.max_samples, normalize)
+        load_raw_dataset(
+            config.eval_dataset, template, config.max_samples, normalize, **reading, purpose="eval"
+        )
         if config.eval_dataset
         else None
     )
     for raw in (train_raw, eval_raw):
         if raw is not None and raw.type == "conversation" and template is None:
             raise ConfigError(
-                f"{raw.files[0]} holds conversations, which need a template",
+                f"{raw.name} holds conversations, which need a template",
                 "pass --template NAME (see `lmflow templates list`)",
             )
     check_packing(config, model_config)

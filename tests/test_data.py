@@ -117,7 +117,7 @@ def test_a_leading_system_message_becomes_the_system_prompt(tmp_path):
         ),
         (
             {"type": "conversation", "instances": [{"messages": [{"role": "user", "content": ["x"]}]}]},
-            r"message 0 content must be a string, got list",
+            r"message 0: content part 0 must be \{\"type\": \"text\", \"text\": \"...\"\}",
         ),
         (
             {"type": "text_only", "instances": [{"text": "ok"}, {"text": "  "}]},
@@ -134,7 +134,7 @@ def test_a_leading_system_message_becomes_the_system_prompt(tmp_path):
             [{"text": "a"}, {"input": "q", "output": "a"}],
             r"record 1 is a text2text record but earlier records are text_only",
         ),
-        ([{"question": "?"}], r"record 0 has keys \['question'\]; expected"),
+        ([{"question": "?"}], r"record 0 has keys \['question'\] and fits none of the formats tried: OpenAI chat"),
     ],
 )
 def test_malformed_records_name_the_file_and_record(tmp_path, data, message):

@@ -13,6 +13,13 @@ JSON nested deeper than Python can parse are refused with an error naming the fi
 * Alpaca-style records (``{"instruction", "input"?, "output"}``), converted to one-turn conversations whose user
   message is the instruction followed by the input.
 
+* ShareGPT records (``{"conversations": [{"from", "value"}, ...]}``, roles ``human``/``gpt``/``system``/
+  ``tool``/``function_call``/``observation``), converted to conversations;
+* OpenAI chat records (``{"messages": [...]}``), whose contents may be strings or lists of content parts.
+
+A record's format is detected from its keys (``--dataset-format auto``) or named with ``--dataset-format``.
+A dataset may also be a Hugging Face hub id (``org/name[:split]``, see :mod:`.hub`), read through ``datasets``.
+
 Every record is checked; the first malformed one stops the run with an error naming its file and index.
 """
 
@@ -25,22 +32,66 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import DATASET_FORMATS  # ``--dataset-format`` values; ``auto`` detects each record's format
 from ..errors import DataError
 from ..inputs import DATASET_FILE_LIMIT, read_input_text
 from ..templates import Conversation, Template, TemplateError
 
 TYPES = ("text_only", "text2text", "conversation")
 ALPACA = "alpaca"
+SHAREGPT = "sharegpt"
+#: What each format is called in messages, and the key(s) that identify it.
+FORMAT_NAMES = {
+    "lmflow": 'LMFlow ({"type", "instances"})',
+    "openai": 'OpenAI chat ("messages")',
+    SHAREGPT: 'ShareGPT ("conversations")',
+    ALPACA: 'Alpaca ("instruction", "output")',
+    "text": 'text ("text")',
+    "text2text": 'text2text ("input", "output")',
+    "plugin": "a plugin's normalize_record",
+}
+#: The record type each record format becomes.
+FORMAT_TYPES = {
+    "openai": "conversation",
+    SHAREGPT: "conversation",
+    ALPACA: "conversation",
+    "text": "text_only",
+    "text2text": "text2text",
+}
+#: The formats that rewrite a record into another shape, counted as "converted from" in the statistics.
+_CONVERTED = (ALPACA, SHAREGPT)
+#: ShareGPT speakers (``from``) and the roles they become; ``function_call`` is an assistant's tool call.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "function_call": "assistant",
+}
+#: Other names OpenAI-style messages use for roles: the newer "developer" for system, the legacy "function".
+_ROLE_ALIASES = {"developer": "system", "function": "tool"}
+#: Content parts that carry text; any other part (images, audio, files) cannot be trained as text.
+_TEXT_PARTS = ("text", "input_text", "output_text")
 #: Names of the files a dataset is read from, compared in lower case; longest first, so ``.jsonl.gz`` wins.
 SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json")
 _SUFFIX_NAMES = ".json or .jsonl file (optionally gzipped: .json.gz, .jsonl.gz)"
 _READ_NAMES = ".json, .jsonl, .json.gz and .jsonl.gz"
 #: Nesting that no real record reaches; where a file nests deeper than Python parses, the error shows the spot.
 MAX_DEPTH = 500
-_KEYS_TO_TYPE = (
-    ("messages", "conversation"),
+#: Auto-detection: the first key a record has decides its format.
+_KEYS_TO_FORMAT = (
+    ("messages", "openai"),
+    ("conversations", SHAREGPT),
     ("instruction", ALPACA),
-    ("text", "text_only"),
+    ("text", "text"),
     ("input", "text2text"),
     ("output", "text2text"),
 )
@@ -51,7 +102,9 @@ class RawDataset:
     """Validated records of one dataset, normalised to its type's shape.
 
     ``records`` hold ``{"text"}`` (text_only), ``{"input", "output"}`` (text2text) or ``{"system",
-    "messages"}`` (conversation, Alpaca records included). ``origins[i]`` names where record ``i`` came from.
+    "messages"}`` (conversation, Alpaca and ShareGPT records included). ``origins[i]`` names where record ``i``
+    came from; ``formats`` counts the records of each format (``FORMAT_NAMES``); ``hub`` describes a dataset
+    read from the Hugging Face hub (repository, config, split and resolved revision), ``None`` for local files.
     """
 
     type: str
@@ -59,9 +112,18 @@ class RawDataset:
     files: list[Path]
     origins: list[str] = field(default_factory=list)
     converted: Counter = field(default_factory=Counter)
+    formats: Counter = field(default_factory=Counter)
+    hub: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def name(self) -> str:
+        """What to call the dataset in messages: its first file, or ``org/name[split]`` for a hub dataset."""
+        if self.hub is not None:
+            return f"{self.hub['repo']}[{self.hub['split']}]"
+        return str(self.files[0])
 
 
 def data_suffix(path: str | Path) -> str | None:
@@ -113,64 +175,117 @@ def load_raw_dataset(
     template: Template | None = None,
     max_samples: int | None = None,
     normalize: Normalizer | None = None,
+    *,
+    dataset_format: str = "auto",
+    dataset_config: str | None = None,
+    dataset_revision: str | None = None,
+    purpose: str = "train",
 ) -> RawDataset:
     """Read and validate every record of the dataset at ``path``.
 
     Args:
+        path: a data file, a directory of them, or a Hugging Face hub dataset id (``org/name`` or
+            ``org/name:split``) where no local path of that name exists.
         template: when given, every conversation is also checked against it (roles, order, system prompt).
         max_samples: keep only the first N records (after validation of those N).
         normalize: the ``normalize_record`` hook: ``(record, declared_type, where)`` -> ``(type, record)`` for
             record shapes a plugin understands, or ``None`` for the core's own formats.
+        dataset_format: one of ``DATASET_FORMATS``: ``auto`` detects each record's format from its keys; any
+            other value reads every record as that format.
+        dataset_config, dataset_revision: the configuration and revision of a hub dataset.
+        purpose: ``"train"`` or ``"eval"``: which split of a hub dataset is read when none is named.
 
     Raises:
         DataError: naming the file and record index of the first problem.
     """
-    files, skipped = _scan(Path(path).expanduser())
-    if skipped:
-        from ..report import note
+    from .hub import hub_reference, read_hub_dataset
 
-        verb = "is" if len(skipped) == 1 else "are"
-        note(f"dataset directory {path}: {_listing(skipped)} {verb} not read (only {_READ_NAMES} files are)")
+    if dataset_format not in DATASET_FORMATS:
+        raise DataError(
+            f"unknown dataset format {dataset_format!r}", f"choose one of {', '.join(DATASET_FORMATS)}"
+        )
+    reference = hub_reference(str(path))
+    hub, files = None, []
+    if reference is not None:
+        if dataset_format == "lmflow":
+            raise DataError(
+                f"--dataset-format lmflow reads LMFlow files, but {path} is a hub dataset",
+                "pass --dataset-format auto (or the format of its rows)",
+            )
+        rows, hub = read_hub_dataset(reference, dataset_config, dataset_revision, purpose)
+        label = f"{hub['repo']}[{hub['split']}]"
+        items: Any = ((f"{label}#{i}", None, row) for i, row in enumerate(rows))
+    else:
+        files, skipped = _scan(Path(path).expanduser())
+        if skipped:
+            from ..report import note
+
+            verb = "is" if len(skipped) == 1 else "are"
+            note(
+                f"dataset directory {path}: {_listing(skipped)} {verb} not read (only {_READ_NAMES} files are)"
+            )
+        items = _file_items(files, dataset_format)
     dataset: RawDataset | None = None
-    for file in files:
-        kind, items = _read_file(file)
-        for label, item in items:
-            if max_samples is not None and dataset is not None and len(dataset) >= max_samples:
-                break
-            where = f"{file}: {label}"
+    for where, declared, item in items:
+        if max_samples is not None and dataset is not None and len(dataset) >= max_samples:
+            break
+        try:
+            custom = normalize(item, declared, where) if normalize is not None else None
+            if custom is not None:
+                (record_type, record), record_format = custom, "plugin"
+            else:
+                record_format, record_type, record = _normalise(item, declared, where, dataset_format)
+        except RecursionError:
+            raise DataError(
+                f"{where} is nested too deeply to read",
+                "flatten the record (real records nest a few levels)",
+            ) from None
+        if _base_type(record_type) not in TYPES:
+            raise DataError(f"{where}: a plugin returned the unknown record type {record_type!r}")
+        if dataset is None:
+            dataset = RawDataset(_base_type(record_type), [], files, hub=hub)
+        elif _base_type(record_type) != dataset.type:
+            raise DataError(
+                f"{where} is a {record_type} record but earlier records are {dataset.type}",
+                "a dataset holds one type of record; split it into separate datasets",
+            )
+        if record_type == ALPACA:  # a plugin may still return the legacy "alpaca" type
+            record_format = ALPACA
+        if record_format in _CONVERTED:
+            dataset.converted[record_format] += 1
+        dataset.formats[record_format] += 1
+        if template is not None and dataset.type == "conversation":
             try:
-                custom = normalize(item, kind, where) if normalize is not None else None
-                record_type, record = custom if custom is not None else _normalise(item, kind, where)
-            except RecursionError:
-                raise DataError(
-                    f"{where} is nested too deeply to read",
-                    "flatten the record (real records nest a few levels)",
-                ) from None
-            if _base_type(record_type) not in TYPES:
-                raise DataError(f"{where}: a plugin returned the unknown record type {record_type!r}")
-            if dataset is None:
-                dataset = RawDataset(_base_type(record_type), [], files)
-            elif _base_type(record_type) != dataset.type:
-                raise DataError(
-                    f"{where} is a {record_type} record but earlier records are {dataset.type}",
-                    "a dataset holds one type of record; split it into separate datasets",
+                template.check(
+                    Conversation.from_messages(record["messages"], record["system"], record.get("tools"))
                 )
-            if record_type == ALPACA:
-                dataset.converted[ALPACA] += 1
-            if template is not None and dataset.type == "conversation":
-                try:
-                    template.check(
-                        Conversation.from_messages(record["messages"], record["system"], record.get("tools"))
-                    )
-                except TemplateError as exc:
-                    raise DataError(
-                        f"{where}: {exc.message}", exc.hint or "fix the record or choose another --template"
-                    ) from exc
-            dataset.records.append(record)
-            dataset.origins.append(where)
+            except TemplateError as exc:
+                raise DataError(
+                    f"{where}: {exc.message}", exc.hint or "fix the record or choose another --template"
+                ) from exc
+        dataset.records.append(record)
+        dataset.origins.append(where)
     if dataset is None or not dataset.records:
         raise DataError(f"dataset {path} holds no records", "add records or check the path")
     return dataset
+
+
+def _file_items(files: list[Path], dataset_format: str) -> Any:
+    """``(where, declared type, item)`` for every record of ``files``, read one file at a time."""
+    for file in files:
+        kind, items = _read_file(file)
+        if kind is not None and dataset_format not in ("auto", "lmflow"):
+            raise DataError(
+                f'{file} is an LMFlow dataset ("type": "{kind}"), not {FORMAT_NAMES[dataset_format]}',
+                "pass --dataset-format lmflow (or auto)",
+            )
+        if kind is None and dataset_format == "lmflow":
+            raise DataError(
+                f'{file} is not an LMFlow dataset ({{"type", "instances"}}) but --dataset-format is lmflow',
+                "pass --dataset-format auto to detect the records' format",
+            )
+        for label, item in items:
+            yield f"{file}: {label}", kind, item
 
 
 def _read_file(file: Path) -> tuple[str | None, list[tuple[str, Any]]]:
@@ -274,46 +389,152 @@ def _base_type(record_type: str) -> str:
     return "conversation" if record_type == ALPACA else record_type
 
 
-def _infer_type(item: dict[str, Any]) -> str | None:
-    for key, kind in _KEYS_TO_TYPE:
+def detect_format(item: dict[str, Any]) -> str | None:
+    """The format of a record from its keys (``FORMAT_NAMES``), or ``None`` when it fits none."""
+    for key, kind in _KEYS_TO_FORMAT:
         if key in item:
+            if kind == "openai" and _sharegpt_messages(item[key]):
+                return SHAREGPT  # {"messages": [{"from", "value"}]}: ShareGPT turns under the OpenAI key
             return kind
     return None
 
 
-def _normalise(item: Any, declared: str | None, where: str) -> tuple[str, dict[str, Any]]:
+def _sharegpt_messages(messages: Any) -> bool:
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and isinstance(messages[0], dict)
+        and "from" in messages[0]
+        and "role" not in messages[0]
+    )
+
+
+def _normalise(
+    item: Any, declared: str | None, where: str, dataset_format: str = "auto"
+) -> tuple[str, str, dict[str, Any]]:
+    """``(format, type, record)`` of one item: its format, its record type and the normalised record."""
     if not isinstance(item, dict):
         raise DataError(f"{where} must be a JSON object, got {type(item).__name__}", "fix the record")
-    kind = declared or _infer_type(item)
-    if kind is None:
-        raise DataError(
-            f'{where} has keys {sorted(item)}; expected "text", "input"/"output", "messages" or '
-            '"instruction"/"output"',
-            "see README, Data formats",
-        )
+    if declared is not None:  # an LMFlow file: its "type" says how every instance is read
+        record_format, kind = "lmflow", declared
+    elif dataset_format == "auto":
+        record_format = detect_format(item)
+        if record_format is None:
+            tried = ", ".join(FORMAT_NAMES[name] for name in DATASET_FORMATS[2:])
+            raise DataError(
+                f"{where} has keys {sorted(item)} and fits none of the formats tried: {tried}",
+                "fix the record (see README, Data formats) or name its format with --dataset-format",
+            )
+        kind = FORMAT_TYPES[record_format]
+    else:
+        record_format, kind = dataset_format, FORMAT_TYPES[dataset_format]
     if kind == "text_only":
-        return kind, {"text": _string(item, "text", where, allow_empty=False)}
+        return (
+            record_format,
+            kind,
+            {"text": _string(item, "text", where, allow_empty=False, fmt=record_format)},
+        )
     if kind == "text2text":
-        return kind, {
-            "input": _string(item, "input", where, allow_empty=True),
-            "output": _string(item, "output", where, allow_empty=False),
-        }
-    if kind == ALPACA:
-        instruction = _string(item, "instruction", where, allow_empty=False)
+        return (
+            record_format,
+            kind,
+            {
+                "input": _string(item, "input", where, allow_empty=True, fmt=record_format),
+                "output": _string(item, "output", where, allow_empty=False, fmt=record_format),
+            },
+        )
+    if record_format == ALPACA:
+        instruction = _string(item, "instruction", where, allow_empty=False, fmt=record_format)
         extra = item.get("input") or ""
         if not isinstance(extra, str):
             raise DataError(f'{where}: "input" must be a string, got {type(extra).__name__}')
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        output = _string(item, "output", where, allow_empty=False)
-        return kind, {
-            "system": None,
-            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}],
-        }
-    return kind, _conversation(item, where)
+        output = _string(item, "output", where, allow_empty=False, fmt=record_format)
+        return (
+            record_format,
+            kind,
+            {
+                "system": None,
+                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}],
+            },
+        )
+    if record_format == SHAREGPT:
+        return record_format, kind, _conversation(_from_sharegpt(item, where), where)
+    if "messages" not in item:
+        raise DataError(
+            f'{where} is not in the {FORMAT_NAMES["openai"]} format: it has no "messages" (keys: {sorted(item)})',
+            "fix the record, or pass --dataset-format auto to detect its format",
+        )
+    return record_format, kind, _conversation(item, where)
 
 
-def _string(item: dict[str, Any], key: str, where: str, allow_empty: bool) -> str:
+def _from_sharegpt(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ShareGPT record as an OpenAI-style one: ``from``/``value`` turns become ``role``/``content`` messages.
+
+    ``function_call`` turns (a JSON ``{"name", "arguments"}``) become the assistant's tool calls; a top-level
+    ``system`` and ``tools`` (a list, or JSON text of one, as some ShareGPT sets store it) are kept.
+    """
+    if "conversations" in item:
+        turns = item["conversations"]
+    elif _sharegpt_messages(item.get("messages")):
+        turns = item["messages"]
+    else:
+        raise DataError(
+            f'{where} is not in the {FORMAT_NAMES[SHAREGPT]} format: it has no "conversations" list of '
+            f'{{"from", "value"}} turns (keys: {sorted(item)})',
+            "fix the record, or pass --dataset-format auto to detect its format",
+        )
+    if not isinstance(turns, list) or not turns:
+        raise DataError(
+            f'{where}: "conversations" must be a non-empty list of {{"from", "value"}} objects',
+            "fix the record",
+        )
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f'{where}: turn {i} must be an object with "from" and "value"')
+        if "from" not in turn and "role" in turn:  # {"conversations": [{"role", "content"}]}: OpenAI turns
+            messages.append(turn)
+            continue
+        speaker, value = turn.get("from"), turn.get("value")
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(
+                f"{where}: turn {i} is from {speaker!r}; ShareGPT speakers are {', '.join(SHAREGPT_ROLES)}",
+                "fix the record",
+            )
+        if not isinstance(value, str):
+            raise DataError(f'{where}: turn {i} "value" must be a string, got {type(value).__name__}')
+        if speaker == "function_call":
+            try:
+                call = json.loads(value)
+            except ValueError as exc:
+                raise DataError(
+                    f'{where}: turn {i} is a function_call whose value is not JSON {{"name", "arguments"}} ({exc})'
+                ) from exc
+            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    record: dict[str, Any] = {"messages": messages}
+    if item.get("system") is not None:
+        record["system"] = item["system"]
+    tools = item.get("tools")
+    if isinstance(tools, str) and tools.strip():
+        try:
+            tools = json.loads(tools)
+        except ValueError as exc:
+            raise DataError(f'{where}: "tools" is text that is not JSON ({exc})') from exc
+    if tools:
+        record["tools"] = tools
+    return record
+
+
+def _string(item: dict[str, Any], key: str, where: str, allow_empty: bool, fmt: str = "lmflow") -> str:
     if key not in item:
+        if fmt != "lmflow":
+            raise DataError(
+                f'{where} is not in the {FORMAT_NAMES[fmt]} format: it has no "{key}" (keys: {sorted(item)})',
+                "fix the record, or pass --dataset-format auto to detect its format",
+            )
         raise DataError(f'{where} has no "{key}"', "add it or fix the dataset type")
     value = item[key]
     if not isinstance(value, str):
@@ -344,6 +565,7 @@ def _conversation(item: dict[str, Any], where: str) -> dict[str, Any]:
         ):
             raise DataError(f'{where}: message {i} must be an object with "role" and "content"')
         role, content = message["role"], message.get("content")
+        role = _ROLE_ALIASES.get(role, role)
         if role not in ("system", "user", "assistant", "tool"):
             raise DataError(
                 f"{where}: message {i} has unknown role {role!r}; expected user, assistant, system or tool"
@@ -357,6 +579,8 @@ def _conversation(item: dict[str, Any], where: str) -> dict[str, Any]:
                 )
         if content is None and calls:
             content = ""
+        if isinstance(content, list):
+            content = _text_of_parts(content, f"{where}: message {i}")
         if not isinstance(content, str):
             raise DataError(f"{where}: message {i} content must be a string, got {type(content).__name__}")
         if role == "system":
@@ -381,6 +605,25 @@ def _conversation(item: dict[str, Any], where: str) -> dict[str, Any]:
             raise DataError(f'{where}: "tools" must be a list of function definitions (JSON objects)')
         record["tools"] = json.dumps(tools, ensure_ascii=False)
     return record
+
+
+def _text_of_parts(parts: list[Any], where: str) -> str:
+    """The text of OpenAI content parts (``[{"type": "text", "text": ...}]``), joined as the models' own chat
+    templates join them (no separator). A part that is not text (an image, audio, a file) is an error: a
+    text model cannot be trained on it."""
+    texts = []
+    for n, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind is None or kind in _TEXT_PARTS:
+            raise DataError(f'{where}: content part {n} must be {{"type": "text", "text": "..."}}')
+        else:
+            raise DataError(
+                f"{where}: content part {n} is {kind!r}, which a text model cannot be trained on",
+                "remove the part (only text parts are read), or use a multimodal model and plugin",
+            )
+    return "".join(texts)
 
 
 def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:

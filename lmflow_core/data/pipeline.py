@@ -61,6 +61,9 @@ def prepare_data(
                 f"the {split} dataset has no example left to train on", "check the data and --block-size"
             )
         prepared[split], stats[split] = data, split_stats.to_dict()
+        stats[split]["formats"] = dict(raw.formats)
+        if raw.hub is not None:  # which commit of a hub dataset was read, for the run record
+            stats[split]["hub"] = raw.hub
         if split == "train" and config.packing:
             prepared[split], stats[split]["packing"] = _pack(config, raw, data, block_size, report)
     return prepared["train"], prepared.get("eval"), stats

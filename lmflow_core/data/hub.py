@@ -1,0 +1,256 @@
+"""Datasets on the Hugging Face hub: ``--dataset org/name`` or ``org/name:split``.
+
+A ``--dataset`` that names an existing local path is always read from disk. Otherwise, a value shaped like a hub
+id (``org/name``, one slash, no data-file suffix) is loaded with ``datasets.load_dataset``: from the hub when it
+can be reached, else from this machine's caches (the ``datasets`` cache that an earlier online load filled, or
+a repository snapshot that ``hf download --repo-type dataset org/name`` put in the hub cache). Its rows are then
+validated exactly like a local file's, each named ``org/name[split]#i``.
+
+The hub is probed with one short connection first, so an unreachable hub (or ``HF_HUB_OFFLINE=1``) costs a
+second or two and ends in a one-line error saying how to download the dataset, never in a minute of retries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ..errors import DataError
+
+#: ``org/name``: hub user or organisation, then the dataset's name.
+_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+#: Names that are files, not hub datasets: ``data/train.json`` that does not exist is a missing file.
+_FILE_SUFFIXES = (
+    ".json",
+    ".jsonl",
+    ".gz",
+    ".csv",
+    ".tsv",
+    ".parquet",
+    ".arrow",
+    ".txt",
+    ".zip",
+    ".bz2",
+    ".xz",
+)
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+#: Splits a run reads when none is named: training data from "train", evaluation data from the first found.
+_DEFAULT_SPLITS = {"train": ("train",), "eval": ("validation", "valid", "dev", "test")}
+PROBE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class HubReference:
+    """A hub dataset named on the command line: the repository and, if given, the split."""
+
+    repo: str
+    split: str | None = None
+
+    def __str__(self) -> str:
+        return self.repo + (f":{self.split}" if self.split else "")
+
+
+def hub_reference(spec: str) -> HubReference | None:
+    """The hub dataset ``spec`` names, or ``None`` when it is a local path or looks like one.
+
+    An existing path always wins; a missing path that starts like one (``/``, ``.``, ``~``), has no slash or
+    two, or ends in a data-file suffix stays a path, so that a typo is reported as a missing file.
+    """
+    if not spec or Path(spec).expanduser().exists() or Path(spec).is_symlink():
+        return None
+    repo, _, split = spec.partition(":")
+    if spec.startswith(("/", ".", "~")) or not _REPO.fullmatch(repo):
+        return None
+    if repo.lower().endswith(_FILE_SUFFIXES):
+        return None
+    return HubReference(repo, split or None)
+
+
+def read_hub_dataset(
+    reference: HubReference, config_name: str | None, revision: str | None, purpose: str
+) -> tuple[Iterator[dict[str, Any]], dict[str, Any]]:
+    """The rows of a hub dataset's split and what was read: ``{"repo", "config", "split", "revision", "rows",
+    "from"}`` (``revision`` is the commit loaded, when known; ``from`` is ``hub``, ``datasets cache`` or
+    ``hub cache``)."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a core dependency
+        raise DataError(f"reading {reference} needs the datasets package", "pip install datasets") from exc
+    datasets.logging.set_verbosity_error()  # "Using the latest cached version..." is said in our own words
+    offline = _offline_requested()
+    reachable = not offline and _hub_reachable()
+    loaded, origin, snapshot = None, "hub", None
+    problem: Exception | None = None
+    with _offline_mode(not reachable):
+        try:
+            loaded = datasets.load_dataset(
+                reference.repo, name=config_name, revision=revision, split=reference.split
+            )
+            origin = "hub" if reachable else "datasets cache"
+        except Exception as exc:
+            problem = exc
+        if loaded is not None and not reachable and not _revision_matches(loaded, revision):
+            loaded, problem = None, None  # the datasets cache holds another revision: try the hub cache
+        if loaded is None and not reachable:
+            snapshot = _snapshot(reference.repo, revision)
+            if snapshot is not None:
+                try:
+                    loaded = datasets.load_dataset(str(snapshot), name=config_name, split=reference.split)
+                    origin, problem = "hub cache", None
+                except Exception as exc:
+                    problem = exc
+    if loaded is None:
+        raise _load_error(reference, config_name, revision, problem, reachable, offline)
+    split = reference.split
+    if isinstance(loaded, datasets.DatasetDict):
+        split = _choose_split(reference, list(loaded), purpose)
+        loaded = loaded[split]
+    info = {
+        "repo": reference.repo,
+        "config": config_name or loaded.info.config_name,
+        "split": str(split),
+        "revision": snapshot.name if origin == "hub cache" else _cached_revision(loaded),
+        "requested_revision": revision,
+        "rows": loaded.num_rows,
+        "from": origin,
+    }
+    return iter(loaded), info
+
+
+def _choose_split(reference: HubReference, splits: list[str], purpose: str) -> str:
+    for name in _DEFAULT_SPLITS.get(purpose, ("train",)):
+        if name in splits:
+            return name
+    if len(splits) == 1:
+        return splits[0]
+    option = "--eval-dataset" if purpose == "eval" else "--dataset"
+    raise DataError(
+        f"{reference.repo} has the splits {', '.join(splits)}; which one should be read?",
+        f"name it: {option} {reference.repo}:{splits[0]}",
+    )
+
+
+def _load_error(
+    reference: HubReference,
+    config_name: str | None,
+    revision: str | None,
+    problem: Exception | None,
+    reachable: bool,
+    offline: bool,
+) -> DataError:
+    text = " ".join(str(problem).split()) if problem is not None else ""
+    name = type(problem).__name__ if problem is not None else ""
+    if "split" in text.lower() and "should be one of" in text.lower():
+        return DataError(f"{reference}: {text}", f"name an existing split: {reference.repo}:SPLIT")
+    if "config" in text.lower() and ("available" in text.lower() or "missing" in text.lower()):
+        return DataError(
+            f"{reference.repo}: {text}", "pass --dataset-config NAME with one of the configurations named"
+        )
+    if reachable:
+        if name == "DatasetNotFoundError":
+            return DataError(
+                f"dataset {reference.repo} is not a local path, and the Hugging Face hub has no dataset of "
+                "that name (or it is private or gated)",
+                "check the name; for a gated or private dataset log in first with `hf auth login`",
+            )
+        return DataError(f"hub dataset {reference}: {name}: {text}", "check the name, split and options")
+    why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+    pinned = f" at revision {revision}" if revision else ""
+    return DataError(
+        f"dataset {reference.repo}{pinned} is neither a local path nor in this machine's Hugging Face cache, and "
+        f"{why}",
+        f"download it first where the hub is reachable (`hf download --repo-type dataset {reference.repo}"
+        f"{f' --revision {revision}' if revision else ''}`, or "
+        "run this command once online), or pass a local file",
+    )
+
+
+def _offline_requested() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable() -> bool:
+    """Whether one TCP connection to the hub's host succeeds within ``PROBE_SECONDS``.
+
+    Behind a proxy the hub's host is not connected to directly, so the libraries are trusted to get there.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return False
+    result: list[bool] = []
+
+    def probe() -> None:  # name resolution has no timeout of its own: a thread bounds it
+        try:
+            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(PROBE_SECONDS + 0.5)
+    return bool(result and result[0])
+
+
+@contextmanager
+def _offline_mode(enabled: bool) -> Iterator[None]:
+    """Make ``datasets`` and ``huggingface_hub`` read their caches without trying the network."""
+    if not enabled:
+        yield
+        return
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def _snapshot(repo: str, revision: str | None) -> Path | None:
+    """The hub-cache snapshot of the dataset repository (``hf download``), or ``None`` if there is none."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(repo, repo_type="dataset", revision=revision or "main", local_files_only=True)
+        )
+    except Exception:
+        return None
+
+
+def _cached_revision(dataset: Any) -> str | None:
+    """The commit a loaded dataset came from: ``datasets`` names its cache directory after it."""
+    for entry in getattr(dataset, "cache_files", None) or ():
+        candidate = Path(entry["filename"]).parent.name
+        if _COMMIT.fullmatch(candidate):
+            return candidate
+    return None
+
+
+def _revision_matches(loaded: Any, revision: str | None) -> bool:
+    """Whether a dataset loaded from the ``datasets`` cache is the pinned commit (a branch or tag cannot be
+    checked offline and is taken as it is)."""
+    if revision is None or not _COMMIT.fullmatch(revision):
+        return True
+    import datasets
+
+    parts = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    return all(_cached_revision(part) in (None, revision) for part in parts)
