@@ -256,18 +256,34 @@ def chat_command(**values: Any) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), help="Score only the first N records.")
 @click.option(
+    "--nll-definition",
+    default="training",
+    show_default=True,
+    metavar="training|lmflow",
+    help="training: score the tokens training trains, the EOS after each text or answer included. "
+    "lmflow: reproduce LMFlow's evaluator (no BOS or EOS; its window, and a stride of 512), "
+    "for numbers comparable with LMFlow's.",
+)
+@click.option(
+    "--prompt-structure",
+    help="With --nll-definition lmflow: LMFlow's --prompt_structure for text2text inputs [default: {input}].",
+)
+@click.option(
     "--output", type=click.Path(dir_okay=False), help="JSON report path (default: eval-<dataset>.json)."
 )
 def evaluate_command(**values: Any) -> None:
     """Measure MODEL's negative log-likelihood on a dataset (the LMFlow benchmark's NLL).
 
     Prints nll_per_sample (each example's summed NLL, averaged over examples), nll_per_token and perplexity,
-    and writes a JSON report. On conversation data only the assistant's tokens are scored.
+    and writes a JSON report. On conversation data only the assistant's tokens are scored. By default the EOS
+    after each text or answer is scored too, as training trains it; --nll-definition lmflow gives LMFlow's
+    numbers instead.
     """
-    from .evaluation import evaluate_dataset, write_report
+    from .evaluation import check_evaluation_options, evaluate_dataset, write_report
 
-    if values["stride"] and values["window"] and values["stride"] >= values["window"]:
-        raise LmflowError(f"--stride {values['stride']} must be smaller than --window {values['window']}")
+    check_evaluation_options(
+        values["nll_definition"], values["prompt_structure"], values["window"], values["stride"]
+    )
     session = open_from_flags(values)
     report = evaluate_dataset(
         session,
@@ -276,12 +292,15 @@ def evaluate_command(**values: Any) -> None:
         stride=values["stride"],
         batch_size=values["batch_size"],
         max_samples=values["max_samples"],
+        nll_definition=values["nll_definition"],
+        prompt_structure=values["prompt_structure"],
     )
     output = Path(values["output"] or f"eval-{Path(values['dataset']).stem}.json")
     write_report(report, output)
     metrics = report["metrics"]
     click.echo(
         f"model: {report['model']} | dataset: {report['dataset']} ({report['type']}, {report['records']} records)"
+        f" | NLL definition: {report['nll_definition']}"
     )
     click.echo(f"{'metric':<16}{'value':>14}")
     for key in ("nll_per_sample", "nll_per_token", "perplexity", "eval_samples", "eval_tokens"):
