@@ -54,6 +54,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "load_pretrained": ("loading", "load_pretrained"),
     "LoadedModel": ("loading", "LoadedModel"),
     "open_session": ("inference", "open_session"),
+    "evaluate_dataset": ("evaluation", "evaluate_dataset"),
     "model_context_length": ("models", "model_context"),
     "is_adapter": ("models", "is_adapter"),
     "adapter_base": ("models", "adapter_base"),
@@ -70,6 +71,7 @@ _LAZY: dict[str, tuple[str, str]] = {
 if TYPE_CHECKING:
     from .catalog import available_templates, get_template
     from .config import RunConfig
+    from .evaluation import evaluate_dataset
     from .files import check_output_apart, check_replaceable, move_into_place, write_output_record
     from .generate import GenerationOptions
     from .hookspecs import StepContext
@@ -146,6 +148,7 @@ __all__ = [
     "load_pretrained",
     "LoadedModel",
     "open_session",
+    "evaluate_dataset",
     "model_context_length",
     "is_adapter",
     "adapter_base",

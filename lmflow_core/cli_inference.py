@@ -8,6 +8,7 @@ named by ``--plugins`` (their flags appear once they are named). :mod:`lmflow_co
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import click
 
-from .clickopts import PluginCommand, debug_option, given, plugin_values
+from .clickopts import PluginCommand, dataset_reading_options, debug_option, given, plugin_values
 from .errors import LmflowError
 from .options import parse_plugin_names
 
@@ -244,7 +245,12 @@ def chat_command(**values: Any) -> None:
 
 @click.command("evaluate", cls=PluginCommand)
 @session_options
-@click.option("--dataset", required=True, help="Data to score: a .json/.jsonl file or a directory of them.")
+@click.option(
+    "--dataset",
+    required=True,
+    help="Data to score: a .json/.jsonl file, a directory of them, or a hub dataset org/name[:split].",
+)
+@dataset_reading_options
 @click.option(
     "--window", type=click.IntRange(min=8), help="Longest context per forward pass (default: the model's)."
 )
@@ -294,8 +300,17 @@ def evaluate_command(**values: Any) -> None:
         max_samples=values["max_samples"],
         nll_definition=values["nll_definition"],
         prompt_structure=values["prompt_structure"],
+        dataset_format=values["dataset_format"],
+        dataset_config=values["dataset_config"],
+        dataset_revision=values["dataset_revision"],
     )
-    output = Path(values["output"] or f"eval-{Path(values['dataset']).stem}.json")
+    # eval-test.json for data/test.json; eval-name-test.json for the hub dataset org/name:test
+    stem = re.sub(
+        r"[^\w.-]+",
+        "-",
+        Path(values["dataset"]).stem if report["hub"] is None else values["dataset"].split("/", 1)[1],
+    )
+    output = Path(values["output"] or f"eval-{stem}.json")
     write_report(report, output)
     metrics = report["metrics"]
     click.echo(

@@ -109,10 +109,17 @@ def evaluate_dataset(
     max_samples: int | None = None,
     nll_definition: str = "training",
     prompt_structure: str | None = None,
+    dataset_format: str = "auto",
+    dataset_config: str | None = None,
+    dataset_revision: str | None = None,
 ) -> dict[str, Any]:
     """Score ``session``'s model on the dataset at ``dataset``; returns the report.
 
     Args:
+        dataset: a data file, a directory of them, or a hub dataset ``org/name[:split]`` (its validation or
+            test split when none is named); read as ``lmflow run`` reads ``--eval-dataset``.
+        dataset_format, dataset_config, dataset_revision: as ``lmflow run``'s ``--dataset-format``,
+            ``--dataset-config`` and ``--dataset-revision``.
         window: longest context per forward pass; default the model's context (``training``) or LMFlow's
             ``max_length`` (``lmflow``: ``min(n_positions, tokenizer.model_max_length)``, else
             ``min(1024, model_max_length)``).
@@ -139,10 +146,19 @@ def evaluate_dataset(
             config=session.config, record=record, declared_type=declared_type, where=where
         )
 
-    raw = load_raw_dataset(dataset, template, max_samples, normalize)
+    raw = load_raw_dataset(
+        dataset,
+        template,
+        max_samples,
+        normalize,
+        dataset_format=dataset_format,
+        dataset_config=dataset_config,
+        dataset_revision=dataset_revision,
+        purpose="eval",
+    )
     if raw.type == "conversation" and template is None and definition == "training":
         raise LmflowError(
-            f"{raw.files[0]} holds conversations but the model has no template",
+            f"{raw.name} holds conversations but the model has no template",
             "pass --template NAME (see `lmflow templates list`)",
         )
     context = session.context
@@ -190,6 +206,7 @@ def evaluate_dataset(
     return {
         "model": config.model,
         "dataset": str(dataset),
+        "hub": raw.hub,
         "type": raw.type,
         "template": session.template_name if raw.type == "conversation" else None,
         "nll_definition": definition,

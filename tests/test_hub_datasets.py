@@ -222,3 +222,23 @@ def test_an_unreachable_hub_fails_within_seconds_without_retries(hub_caches, mon
     started = time.monotonic()
     assert len(load_raw_dataset("lmflow-tests/chat")) == 2
     assert time.monotonic() - started < 10
+
+
+def test_evaluate_scores_a_hub_datasets_test_split(hub_caches, chat_model, runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"messages": m["messages"]} for m in conversations(6)]
+    hub_cache_snapshot(
+        hub_caches[1],
+        "lmflow-tests/qa",
+        {"data/train.jsonl": rows, "data/test.jsonl": rows[:3]},
+        SNAPSHOT_SHA,
+    )
+    write_json(tmp_path / "local.json", rows[:3])
+    result = invoke(runner, "evaluate", chat_model, "--dataset", "lmflow-tests/qa")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval-qa.json").read_text())
+    assert (report["hub"]["split"], report["hub"]["revision"], report["records"]) == ("test", SNAPSHOT_SHA, 3)
+    local = invoke(runner, "evaluate", chat_model, "--dataset", "local.json")
+    assert local.exit_code == 0, local.output
+    same = json.loads((tmp_path / "eval-local.json").read_text())["metrics"]
+    assert same["nll_per_sample"] == pytest.approx(report["metrics"]["nll_per_sample"], rel=1e-6)
