@@ -552,18 +552,24 @@ def decode(
 
 @hookspec
 def evaluate(
-    config: RunConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset
+    config: RunConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: datasets.Dataset | None,
 ) -> dict[str, float] | None:
-    """Measure the model on a tokenized evaluation dataset.
+    """Measure the model, on the tokenized evaluation dataset or on data of the plugin's own.
 
-    When: at the end of a run that has an evaluation dataset. The core default reports the negative
-    log-likelihood of the trained tokens (``nll_per_sample``, ``nll_per_token``, ``perplexity``).
+    When: at the end of every run, once the final model is saved (``dataset`` is ``None`` when the run has no
+    evaluation dataset), and in ``lmflow evaluate``. The core default reports the negative log-likelihood of the
+    trained tokens (``nll_per_sample``, ``nll_per_token``, ``perplexity``), and nothing without a dataset; a
+    plugin that needs the dataset returns ``None`` when it is ``None``, one with tasks of its own (``lm_eval``)
+    ignores it.
 
     Args:
         config: the run's :class:`lmflow_core.RunConfig`.
         model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
         tokenizer: the run's tokenizer.
-        dataset: a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``, ``attention_mask``).
+        dataset: a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``, ``attention_mask``), or ``None``.
 
     Returns: a dict of metric name to value, or ``None``.
 

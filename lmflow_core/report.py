@@ -160,8 +160,9 @@ class Reporter:
             metrics = ", ".join(
                 f"{k} {v:.4f}" for k, v in result.eval_metrics.items() if not k.startswith("eval_")
             )
-            count = int(result.eval_metrics.get("eval_samples", 0))
-            self.line(f"eval ({count} examples): {metrics}")
+            # The evaluation dataset's examples; metrics a plugin measured on data of its own come without.
+            count = result.eval_metrics.get("eval_samples")
+            self.line(f"eval ({int(count)} examples): {metrics}" if count is not None else f"eval: {metrics}")
         for prompt, reply in result.samples:
             self.line(f"sample: {prompt!r} -> {reply!r}")
         from .models import is_adapter

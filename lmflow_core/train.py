@@ -210,9 +210,8 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     if trainer.is_world_process_zero():
         with outputs.watch():
             hook.on_train_end(config=config, model=model, tokenizer=tokenizer, output_dir=str(output_dir))
-    eval_metrics = (
-        evaluate_hooks(run_plugins, config, model, tokenizer, eval_data) if eval_data is not None else {}
-    )
+    # Called without evaluation data too (dataset None): a plugin may score the model on its own tasks.
+    eval_metrics = evaluate_hooks(run_plugins, config, model, tokenizer, eval_data)
     samples = (
         _samples(run_plugins, config, model, tokenizer, template)
         if config.sample_prompts and template
