@@ -47,6 +47,11 @@ _LAZY: dict[str, tuple[str, str]] = {
     "check_replaceable": ("files", "check_replaceable"),
     "write_output_record": ("files", "write_output_record"),
     "move_into_place": ("files", "move_into_place"),
+    "atomic_write": ("rundir", "atomic_write"),
+    # the Hugging Face hub
+    "hub_offline_requested": ("network", "hub_offline_requested"),
+    "hub_reachable": ("network", "hub_reachable"),
+    "hub_offline": ("network", "hub_offline"),
     # models and model directories
     "model_source": ("models", "model_source"),
     "load_default_tokenizer": ("models", "load_default_tokenizer"),
@@ -72,7 +77,12 @@ if TYPE_CHECKING:
     from .catalog import available_templates, get_template
     from .config import RunConfig
     from .evaluation import evaluate_dataset
-    from .files import check_output_apart, check_replaceable, move_into_place, write_output_record
+    from .files import (
+        check_output_apart,
+        check_replaceable,
+        move_into_place,
+        write_output_record,
+    )
     from .generate import GenerationOptions
     from .hookspecs import StepContext
     from .inference import open_session
@@ -91,7 +101,9 @@ if TYPE_CHECKING:
         stored_run,
     )
     from .models import model_context as model_context_length
+    from .network import hub_offline, hub_offline_requested, hub_reachable
     from .report import note, quiet_libraries
+    from .rundir import atomic_write
     from .stash import Stash, StashKey
     from .templates import (
         Conversation,
@@ -141,6 +153,11 @@ __all__ = [
     "check_replaceable",
     "write_output_record",
     "move_into_place",
+    "atomic_write",
+    # the Hugging Face hub
+    "hub_offline_requested",
+    "hub_reachable",
+    "hub_offline",
     # models and model directories
     "model_source",
     "load_default_tokenizer",

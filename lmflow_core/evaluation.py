@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -222,7 +221,7 @@ def evaluate_dataset(
 
 def write_report(report: dict[str, Any], path: Path) -> None:
     """Write the report as JSON, atomically."""
+    from .rundir import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(report, indent=2) + "\n")

@@ -12,18 +12,14 @@ second or two and ends in a one-line error saying how to download the dataset, n
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from ..errors import DataError
+from ..network import hub_offline, hub_offline_requested, hub_reachable
 
 #: ``org/name``: hub user or organisation, then the dataset's name.
 _REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -44,7 +40,6 @@ _FILE_SUFFIXES = (
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 #: Splits a run reads when none is named: training data from "train", evaluation data from the first found.
 _DEFAULT_SPLITS = {"train": ("train",), "eval": ("validation", "valid", "dev", "test")}
-PROBE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -85,11 +80,11 @@ def read_hub_dataset(
     except ImportError as exc:  # pragma: no cover - datasets is a core dependency
         raise DataError(f"reading {reference} needs the datasets package", "pip install datasets") from exc
     datasets.logging.set_verbosity_error()  # "Using the latest cached version..." is said in our own words
-    offline = _offline_requested()
-    reachable = not offline and _hub_reachable()
+    offline = hub_offline_requested()
+    reachable = not offline and hub_reachable()
     loaded, origin, snapshot = None, "hub", None
     problem: Exception | None = None
-    with _offline_mode(not reachable):
+    with hub_offline(not reachable):
         try:
             loaded = datasets.load_dataset(
                 reference.repo, name=config_name, revision=revision, split=reference.split
@@ -171,57 +166,6 @@ def _load_error(
         f"{f' --revision {revision}' if revision else ''}`, or "
         "run this command once online), or pass a local file",
     )
-
-
-def _offline_requested() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_reachable() -> bool:
-    """Whether one TCP connection to the hub's host succeeds within ``PROBE_SECONDS``.
-
-    Behind a proxy the hub's host is not connected to directly, so the libraries are trusted to get there.
-    """
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if not host:
-        return False
-    result: list[bool] = []
-
-    def probe() -> None:  # name resolution has no timeout of its own: a thread bounds it
-        try:
-            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(PROBE_SECONDS + 0.5)
-    return bool(result and result[0])
-
-
-@contextmanager
-def _offline_mode(enabled: bool) -> Iterator[None]:
-    """Make ``datasets`` and ``huggingface_hub`` read their caches without trying the network."""
-    if not enabled:
-        yield
-        return
-    import datasets.config
-    from huggingface_hub import constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _snapshot(repo: str, revision: str | None) -> Path | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,10 +78,7 @@ def add_commands(cli: click.Group) -> None:
 
 def write_json(data: dict[str, Any], path: Path) -> None:
     """Write ``data`` as JSON so that ``path`` holds the old report or the new one, never a part."""
+    from lmflow_core import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(data, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")

@@ -19,18 +19,14 @@ import fnmatch
 import logging
 import os
 import re
-import socket
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from lmflow_core import LmflowError
+from lmflow_core import LmflowError, hub_offline, hub_offline_requested, hub_reachable
 
 INSTALL_PROBLEM = "lm-eval is not installed; pip install 'lmflow[lm-eval]'"
-PROBE_SECONDS = 3.0
 PREFIX = "lm_eval"  # metric names: lm_eval/<task>/<metric>[/<filter>]
 TASK_FILE_SUFFIXES = (".yaml", ".yml")
 
@@ -163,11 +159,11 @@ def _load(manager: Any, names: list[str], include_flag: str, complete: bool) -> 
         if not found:  # (only with lm-eval's own tasks indexed: the folder's alone were all found)
             raise _unknown_task(manager, name, include_flag)
         expanded += [n for n in found if n not in expanded]
-    offline_env = _offline_requested()
+    offline_env = hub_offline_requested()
     objects, online = [], False
     for name in expanded:
         try:
-            with offline_mode():
+            with hub_offline():
                 objects.append(_load_one(manager, name))
             continue
         except Exception as exc:
@@ -242,55 +238,6 @@ def _dataset_of(exc: BaseException) -> str:
     return f"dataset {found.group(1)}" if found else " ".join(str(exc).split())
 
 
-def _offline_requested() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def hub_reachable() -> bool:
-    """Whether one TCP connection to the hub's host succeeds within ``PROBE_SECONDS`` (behind a proxy the
-    libraries are trusted to get there)."""
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if not host:
-        return False
-    result: list[bool] = []
-
-    def probe() -> None:  # name resolution has no timeout of its own: a thread bounds it
-        try:
-            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(PROBE_SECONDS + 0.5)
-    return bool(result and result[0])
-
-
-@contextlib.contextmanager
-def offline_mode(enabled: bool = True) -> Iterator[None]:
-    """``datasets`` and ``huggingface_hub`` read only local files and their caches inside the block."""
-    if not enabled:
-        yield
-        return
-    import datasets.config
-    from huggingface_hub import constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
 @contextlib.contextmanager
 def quiet_lm_eval() -> Iterator[None]:
     """lm-eval's info and warnings (a model passed as an object, defaults it assumes) are not the user's to act
@@ -328,7 +275,7 @@ def run_tasks(
 
     if limit is not None and float(limit).is_integer():
         limit = int(limit)
-    with quiet_lm_eval(), offline_mode(not plan.online), _without_environment_probe(lm_eval):
+    with quiet_lm_eval(), hub_offline(not plan.online), _without_environment_probe(lm_eval):
         harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         results = lm_eval.simple_evaluate(
             model=harness_model,
