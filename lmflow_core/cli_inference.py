@@ -317,13 +317,14 @@ def evaluate_command(**values: Any) -> None:
         f"model: {report['model']} | dataset: {report['dataset']} ({report['type']}, {report['records']} records)"
         f" | NLL definition: {report['nll_definition']}"
     )
-    click.echo(f"{'metric':<16}{'value':>14}")
+    width = max([16, *(len(key) + 2 for key in metrics)])  # plugins' metrics have long names (lm_eval/...)
+    click.echo(f"{'metric':<{width}}{'value':>14}")
     for key in ("nll_per_sample", "nll_per_token", "perplexity", "eval_samples", "eval_tokens"):
         if key in metrics:
-            click.echo(f"{key:<16}{metrics[key]:>14.4f}")
+            click.echo(f"{key:<{width}}{metrics[key]:>14.4f}")
     for key, value in metrics.items():
         if key not in ("nll_per_sample", "nll_per_token", "perplexity", "eval_samples", "eval_tokens"):
-            click.echo(f"{key:<16}{value:>14.4f}")
+            click.echo(f"{key:<{width}}{value:>14.4f}")
     click.echo(f"report: {output}")
 
 
