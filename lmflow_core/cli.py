@@ -43,6 +43,11 @@ class LmflowGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            # The reader of stdout went away (`lmflow data check big.jsonl | head`): stop quietly, as other
+            # command-line tools do; stdout is pointed at /dev/null so that flushing it at exit cannot fail.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except Exception as exc:  # report anything else on one line; --debug shows the traceback
             if ctx.meta.get(DEBUG_KEY) or os.environ.get("LMFLOW_DEBUG"):
                 raise
@@ -254,6 +259,7 @@ def data_check(
     from .catalog import get_template
     from .data import load_raw_dataset, tokenize_dataset
     from .data.formats import FORMAT_NAMES
+    from .data.pipeline import formatter_fingerprint
     from .models import block_size_for, load_model_config, model_source, stored_run
     from .plugins import select_plugins
     from .report import Reporter, quiet_libraries, reporting
@@ -293,11 +299,17 @@ def data_check(
         )
         blocks = block_size_for(config, load_model_config(source), stored.get("block_size"))
         tok = run_plugins.hook.load_tokenizer(config=config)
+        # The same tokenization and cache as `lmflow run`'s: a second check of unchanged data (or a run after
+        # a check) reads the cache.
         _, stats = tokenize_dataset(
-            raw, tok, blocks, chosen if raw.type == "conversation" else None, render, use_cache=False
+            raw,
+            tok,
+            blocks,
+            chosen if raw.type == "conversation" else None,
+            render,
+            cache_extra=formatter_fingerprint(run_plugins),
         )
     info = stats.to_dict()
-    info.pop("cached")
     info.update(
         path=path,
         files=[str(f) for f in raw.files],
@@ -327,7 +339,10 @@ def data_check(
         + f" ({how})"
     )
     converted = "".join(f" ({n} converted from {k})" for k, n in stats.converted.items())
-    click.echo(f"records: {stats.records:,}{converted}")
+    click.echo(
+        f"records: {stats.records:,}{converted}"
+        + (" (tokenized before: read from the cache)" if stats.cached else "")
+    )
     what = f"tokenizer {info['tokenizer']}" + (f", template {template_name}" if info["template"] else "")
     click.echo(
         f"tokens per example ({what}): min {stats.length_min}, mean {stats.length_mean:.1f}, "

@@ -134,7 +134,10 @@ def test_a_leading_system_message_becomes_the_system_prompt(tmp_path):
             [{"text": "a"}, {"input": "q", "output": "a"}],
             r"record 1 is a text2text record but earlier records are text_only",
         ),
-        ([{"question": "?"}], r"record 0 has keys \['question'\] and fits none of the formats tried: OpenAI chat"),
+        (
+            [{"question": "?"}],
+            r"record 0 has keys \['question'\] and fits none of the formats tried: OpenAI chat",
+        ),
     ],
 )
 def test_malformed_records_name_the_file_and_record(tmp_path, data, message):
@@ -291,6 +294,44 @@ def test_data_check_prints_counts_lengths_and_truncation(runner, tmp_path):
     info = json.loads(invoke(runner, "data", "check", path, "--block-size", "64", "--json").output)
     assert info["records"] == 10 and info["truncated"] == 1 and info["template"] == "chatml"
     assert info["length_max"] > 64
+
+
+def test_data_check_and_a_run_share_the_tokenization_cache(runner, tmp_path, tiny_llama):
+    path = write_json(tmp_path / "c.json", conversations(12))
+    first = invoke(runner, "data", "check", path, "--model", tiny_llama)
+    second = invoke(runner, "data", "check", path, "--model", tiny_llama, "--json")
+    assert first.exit_code == second.exit_code == 0, first.output + second.output
+    assert "read from the cache" not in first.output
+    assert json.loads(second.stdout)["cached"] is True
+    from lmflow_core import run
+
+    run(
+        model=str(tiny_llama),
+        dataset=str(path),
+        template="chatml",
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+    )
+    assert json.loads((tmp_path / "out" / "lmflow_run.json").read_text())["result"]["data"]["train"]["cached"]
+    # Changed data is tokenized again.
+    write_json(path, conversations(11))
+    third = invoke(runner, "data", "check", path, "--model", tiny_llama)
+    assert "records: 11" in third.output and "read from the cache" not in third.output
+
+
+def test_data_check_stops_quietly_when_its_reader_goes_away(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_json(tmp_path / "c.json", conversations(4))
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from lmflow_core.cli import main; main()", "data", "check", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child.stdout.close()  # the reader is gone before the first line, as with `| head -0`: every write fails
+    assert child.wait(timeout=120) == 141
+    assert child.stderr.read() == b""
 
 
 def test_data_check_reports_a_malformed_record_in_one_line(runner, tmp_path):
