@@ -257,3 +257,15 @@ def test_a_run_reads_a_named_format_and_records_the_formats(tmp_path, tiny_llama
     record = json.loads((out / "lmflow_run.json").read_text())
     assert record["result"]["data"]["train"]["formats"] == {"sharegpt": 8}
     assert record["result"]["data"]["train"]["converted"] == {"sharegpt": 8}
+
+
+def test_rows_read_through_arrow_with_absent_keys_as_none_keep_their_format(tmp_path):
+    import datasets
+
+    # One Arrow table holding both shapes: every row gets every key, the absent ones as None (as hub rows do).
+    mixed = jsonl(tmp_path / "mixed.jsonl", [SHAREGPT[0], OPENAI[0], OPENAI[1]])
+    rows = list(datasets.load_dataset("json", data_files=str(mixed), split="train", cache_dir=str(tmp_path)))
+    assert rows[0]["messages"] is None and rows[1]["conversations"] is None
+    raw = load_raw_dataset(jsonl(tmp_path / "arrow.jsonl", rows))
+    assert raw.formats == {"sharegpt": 1, "openai": 2}
+    assert raw.records[0] == raw.records[1]

@@ -392,7 +392,7 @@ def _base_type(record_type: str) -> str:
 def detect_format(item: dict[str, Any]) -> str | None:
     """The format of a record from its keys (``FORMAT_NAMES``), or ``None`` when it fits none."""
     for key, kind in _KEYS_TO_FORMAT:
-        if key in item:
+        if item.get(key) is not None:  # rows read through Arrow carry the other formats' keys as None
             if kind == "openai" and _sharegpt_messages(item[key]):
                 return SHAREGPT  # {"messages": [{"from", "value"}]}: ShareGPT turns under the OpenAI key
             return kind
@@ -404,8 +404,8 @@ def _sharegpt_messages(messages: Any) -> bool:
         isinstance(messages, list)
         and bool(messages)
         and isinstance(messages[0], dict)
-        and "from" in messages[0]
-        and "role" not in messages[0]
+        and messages[0].get("from") is not None
+        and messages[0].get("role") is None
     )
 
 
@@ -493,7 +493,8 @@ def _from_sharegpt(item: dict[str, Any], where: str) -> dict[str, Any]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise DataError(f'{where}: turn {i} must be an object with "from" and "value"')
-        if "from" not in turn and "role" in turn:  # {"conversations": [{"role", "content"}]}: OpenAI turns
+        # {"conversations": [{"role", "content"}]}: OpenAI turns (rows read through Arrow carry absent keys as None)
+        if turn.get("from") is None and turn.get("role") is not None:
             messages.append(turn)
             continue
         speaker, value = turn.get("from"), turn.get("value")
