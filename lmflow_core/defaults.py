@@ -69,16 +69,13 @@ def decode(model: Any, tokenizer: Any, input_ids: Any, options: Any, streamer: A
 
 @hookimpl(trylast=True)
 def evaluate(config: Any, model: Any, tokenizer: Any, dataset: Any) -> dict[str, float] | None:
-    """Negative log-likelihood of the scored tokens (labels != -100) of every example, in nats; nothing for a
-    run without evaluation data (``dataset`` None).
+    """Negative log-likelihood of the scored tokens (labels != -100) of every example, in nats.
 
     ``nll_per_sample`` is LMFlow's benchmark figure: each example's summed NLL, averaged over examples.
     Examples longer than the window (``config.block_size``, else the model's context) are read with a
     sliding window that moves by ``config.eval_stride`` tokens (default: half a window), so that every token is
     scored once, with at least ``window - stride`` tokens of context.
     """
-    if dataset is None:
-        return None
     from .nll import nll_metrics
 
     return nll_metrics(config, model, tokenizer, dataset)

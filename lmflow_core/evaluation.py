@@ -17,8 +17,11 @@ def evaluate_hooks(
     """Every plugin's metrics merged (the core's NLL included); a metric reported twice is an error."""
     metrics: dict[str, float] = {}
     owners: dict[str, str] = {}
+    # Without evaluation data (a run without --eval-dataset) only the implementations that score data of their
+    # own are called: those that do not take ``dataset``. One written for evaluation data never sees None.
+    skip = (lambda impl: "dataset" in impl.argnames) if dataset is None else None
     for plugin, found in call_each(
-        run_plugins.hook.evaluate, config=config, model=model, tokenizer=tokenizer, dataset=dataset
+        run_plugins.hook.evaluate, skip=skip, config=config, model=model, tokenizer=tokenizer, dataset=dataset
     ):
         for key, value in (found or {}).items():
             if key in metrics:

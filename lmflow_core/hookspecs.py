@@ -559,17 +559,17 @@ def evaluate(
 ) -> dict[str, float] | None:
     """Measure the model, on the tokenized evaluation dataset or on data of the plugin's own.
 
-    When: at the end of every run, once the final model is saved (``dataset`` is ``None`` when the run has no
-    evaluation dataset), and in ``lmflow evaluate``. The core default reports the negative log-likelihood of the
-    trained tokens (``nll_per_sample``, ``nll_per_token``, ``perplexity``), and nothing without a dataset; a
-    plugin that needs the dataset returns ``None`` when it is ``None``, one with tasks of its own (``lm_eval``)
-    ignores it.
+    When: at the end of every run, once the final model is saved, and in ``lmflow evaluate``. In a run without
+    an evaluation dataset only the implementations that do not take ``dataset`` are called (those that score
+    data of their own, such as ``lm_eval``'s); an implementation that takes ``dataset`` always gets one. The
+    core default reports the negative log-likelihood of the trained tokens (``nll_per_sample``,
+    ``nll_per_token``, ``perplexity``).
 
     Args:
         config: the run's :class:`lmflow_core.RunConfig`.
         model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
         tokenizer: the run's tokenizer.
-        dataset: a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``, ``attention_mask``), or ``None``.
+        dataset: a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``, ``attention_mask``).
 
     Returns: a dict of metric name to value, or ``None``.
 

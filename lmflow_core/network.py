@@ -20,10 +20,12 @@ _PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 def hub_offline_requested() -> bool:
-    """Whether the user asked for no network (``HF_HUB_OFFLINE=1`` or ``TRANSFORMERS_OFFLINE=1``)."""
+    """Whether the user asked for no network (``HF_HUB_OFFLINE=1``, ``HF_DATASETS_OFFLINE=1`` or
+    ``TRANSFORMERS_OFFLINE=1``)."""
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE)
+    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or datasets_offline
 
 
 def hub_reachable() -> bool:

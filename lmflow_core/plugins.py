@@ -297,16 +297,19 @@ def call_order(caller: Any) -> list[Any]:
     return list(reversed(caller.get_hookimpls()))
 
 
-def call_each(caller: Any, **kwargs: Any) -> list[tuple[str, Any]]:
+def call_each(caller: Any, skip: Any = None, **kwargs: Any) -> list[tuple[str, Any]]:
     """Call every implementation of a hook in call order: ``[(plugin_name, result), ...]``, ``None``s kept.
 
     For hooks whose results are combined per plugin (merged dicts that must not collide, per-plugin options).
+    ``skip(impl)`` true leaves an implementation out.
     """
     if caller.name not in hookspecs.PER_PLUGIN_HOOKS:
         raise RuntimeError(f"{caller.name} is not a per-plugin hook (hookspecs.PER_PLUGIN_HOOKS)")
     trace = bool(os.environ.get(TRACE_ENV))
     results = []
     for impl in call_order(caller):
+        if skip is not None and skip(impl):
+            continue
         if trace:
             print(f"[lmflow hook] {caller.name} -> {impl.plugin_name}", file=sys.stderr)
         results.append((impl.plugin_name, impl.function(*[kwargs[name] for name in impl.argnames])))

@@ -269,3 +269,38 @@ def test_rows_read_through_arrow_with_absent_keys_as_none_keep_their_format(tmp_
     raw = load_raw_dataset(jsonl(tmp_path / "arrow.jsonl", rows))
     assert raw.formats == {"sharegpt": 1, "openai": 2}
     assert raw.records[0] == raw.records[1]
+
+
+def test_turns_marked_not_to_train_are_refused_not_trained(tmp_path):
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bad.", "weight": 0}]
+    with pytest.raises(
+        DataError, match=r"line 1: message 1 has weight 0; lmflow trains every assistant message"
+    ):
+        load_raw_dataset(jsonl(tmp_path / "w.jsonl", [{"messages": chat}]))
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Bad.", "weight": 0.0}]
+    with pytest.raises(DataError, match=r"message 1 has weight 0.0"):
+        load_raw_dataset(jsonl(tmp_path / "s.jsonl", [{"conversations": turns}]))
+    chat[1]["weight"] = 1
+    assert load_raw_dataset(jsonl(tmp_path / "ok.jsonl", [{"messages": chat}])).records[0]["messages"][1] == {
+        "role": "assistant",
+        "content": "Bad.",
+    }
+
+
+def test_a_function_call_turn_may_hold_parallel_calls(tmp_path):
+    calls = [{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"x": 1}}]
+    turns = [
+        {"from": "human", "value": "Do both."},
+        {"from": "function_call", "value": json.dumps(calls)},
+        {"from": "observation", "value": "done"},
+        {"from": "gpt", "value": "Done."},
+    ]
+    raw = load_raw_dataset(jsonl(tmp_path / "p.jsonl", [{"conversations": turns}]))
+    assert json.loads(raw.records[0]["messages"][1]["tool_calls"]) == calls
+
+
+def test_twin_records_of_two_formats_report_their_own_conversions_from_the_cache(tmp_path, runner):
+    first = invoke(runner, "data", "check", jsonl(tmp_path / "sg.jsonl", SHAREGPT[:1]))
+    second = invoke(runner, "data", "check", jsonl(tmp_path / "oa.jsonl", OPENAI[:1]))
+    assert "(1 converted from sharegpt)" in first.output
+    assert "read from the cache" in second.output and "converted" not in second.output

@@ -491,6 +491,33 @@ def test_hook_evaluate_results_are_merged_with_the_core_metrics(recorded_run):
     assert {"nll_per_sample", "nll_per_token", "perplexity"} <= set(result.eval_metrics)
 
 
+def test_without_eval_data_only_evaluate_hooks_that_score_their_own_data_are_called(tiny_llama, tmp_path):
+    from helpers import conversations, write_json
+
+    from lmflow_core import hookimpl
+
+    class NeedsData:  # written for evaluation data: never called without it
+        @hookimpl
+        def evaluate(self, config, model, tokenizer, dataset):
+            return {"examples": len(dataset)}
+
+    class OwnData:  # scores data of its own: takes no dataset
+        @hookimpl
+        def evaluate(self, config, model):
+            return {"own_score": 1.0}
+
+    data = write_json(tmp_path / "chat.json", conversations(8))
+    result = run(
+        model=str(tiny_llama),
+        dataset=str(data),
+        template="chatml",
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        extra_plugins={"needs_data": NeedsData(), "own_data": OwnData()},
+    )
+    assert result.eval_metrics == {"own_score": 1.0}
+
+
 def test_hook_decode_is_used_for_samples(recorded_run):
     recorder, result, _ = recorded_run
     assert "decode" in recorder.calls and len(result.samples) == 1

@@ -11,7 +11,7 @@ import pytest
 from helpers import assert_one_line_error, conversations, invoke, write_json
 
 from lmflow_core.data import load_raw_dataset
-from lmflow_core.data.hub import hub_reference
+from lmflow_core.data.hub import HubReference, hub_reference
 from lmflow_core.errors import DataError
 
 DATASETS_SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -208,6 +208,7 @@ def test_an_unreachable_hub_fails_within_seconds_without_retries(hub_caches, mon
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     started = time.monotonic()
     result = invoke(runner, "data", "check", "lmflow-tests/not-downloaded")
     assert time.monotonic() - started < 10
@@ -242,3 +243,60 @@ def test_evaluate_scores_a_hub_datasets_test_split(hub_caches, chat_model, runne
     assert local.exit_code == 0, local.output
     same = json.loads((tmp_path / "eval-local.json").read_text())["metrics"]
     assert same["nll_per_sample"] == pytest.approx(report["metrics"]["nll_per_sample"], rel=1e-6)
+
+
+def test_a_typo_beside_a_local_directory_stays_a_path_and_hf_prefix_forces_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_json(tmp_path / "data" / "train.json", [{"text": "x"}])
+    assert hub_reference("data/tarin") is None
+    with pytest.raises(DataError, match="dataset data/tarin does not exist"):
+        load_raw_dataset("data/tarin")
+    assert hub_reference("hf://datasets/data/tarin:test") == HubReference("data/tarin", "test")
+    with pytest.raises(DataError, match="hf://datasets/x does not name a hub dataset"):
+        hub_reference("hf://datasets/x")
+
+
+def test_evaluation_never_reads_a_train_only_dataset_unasked(hub_caches):
+    datasets_cache_entry(hub_caches[0], "lmflow-tests/one", {"train": sharegpt(2, "x")}, DATASETS_SHA)
+    with pytest.raises(DataError, match=r"has only a train split.*--eval-dataset lmflow-tests/one:train"):
+        load_raw_dataset("lmflow-tests/one", purpose="eval")
+    assert load_raw_dataset("lmflow-tests/one:train", purpose="eval").hub["split"] == "train"
+
+
+def test_a_cached_copy_that_cannot_be_read_says_so(hub_caches):
+    hub_cache_snapshot(hub_caches[1], "lmflow-tests/broken", {"train.jsonl": []}, SNAPSHOT_SHA)
+    snapshot = hub_caches[1] / "datasets--lmflow-tests--broken" / "snapshots" / SNAPSHOT_SHA / "train.jsonl"
+    snapshot.write_text('{"messages": [oops\n')
+    with pytest.raises(
+        DataError, match=r"the copy of lmflow-tests/broken in the hub cache .* could not be read"
+    ):
+        load_raw_dataset("lmflow-tests/broken")
+
+
+def test_branches_tags_and_short_commits_are_checked_offline(hub_caches):
+    datasets_cache_entry(hub_caches[0], "lmflow-tests/chat", {"train": sharegpt(2, "x")}, DATASETS_SHA)
+    refs = hub_caches[1] / "datasets--lmflow-tests--chat" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "v2").write_text(DATASETS_SHA)
+    (refs / "v1").write_text(SNAPSHOT_SHA)
+    assert load_raw_dataset("lmflow-tests/chat", dataset_revision="v2").hub["revision"] == DATASETS_SHA
+    assert (
+        load_raw_dataset("lmflow-tests/chat", dataset_revision=DATASETS_SHA[:8]).hub["revision"]
+        == DATASETS_SHA
+    )
+    for other in ("v1", "v3", SNAPSHOT_SHA[:8]):  # another commit, an unknown tag, another commit's start
+        with pytest.raises(DataError, match=f"lmflow-tests/chat at revision {other} is neither a local path"):
+            load_raw_dataset("lmflow-tests/chat", dataset_revision=other)
+
+
+def test_hf_datasets_offline_alone_counts_as_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    from lmflow_core import hub_offline_requested
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert not hub_offline_requested()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert hub_offline_requested()

@@ -306,8 +306,8 @@ def test_a_task_whose_data_is_on_the_hub_fails_at_once_offline_or_when_the_hub_i
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
-        for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-            monkeypatch.delenv(proxy, raising=False)
+        for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_DATASETS_OFFLINE"):
+            monkeypatch.delenv(variable, raising=False)
     started = time.monotonic()
     result = invoke(runner, "lm-eval", tiny_llama, "--tasks", "lmflow_hub_task", "--include-path", tmp_path)
     elapsed = time.monotonic() - started

@@ -216,6 +216,10 @@ def load_raw_dataset(
         label = f"{hub['repo']}[{hub['split']}]"
         items: Any = ((f"{label}#{i}", None, row) for i, row in enumerate(rows))
     else:
+        if dataset_config or dataset_revision:
+            from ..report import note
+
+            note(f"--dataset-config and --dataset-revision apply to hub datasets; {path} is read from disk")
         files, skipped = _scan(Path(path).expanduser())
         if skipped:
             from ..report import note
@@ -505,6 +509,10 @@ def _from_sharegpt(item: dict[str, Any], where: str) -> dict[str, Any]:
             )
         if not isinstance(value, str):
             raise DataError(f'{where}: turn {i} "value" must be a string, got {type(value).__name__}')
+        if turn.get("weight") is not None:
+            turn_weight = {"weight": turn["weight"]}
+        else:
+            turn_weight = {}
         if speaker == "function_call":
             try:
                 call = json.loads(value)
@@ -512,9 +520,10 @@ def _from_sharegpt(item: dict[str, Any], where: str) -> dict[str, Any]:
                 raise DataError(
                     f'{where}: turn {i} is a function_call whose value is not JSON {{"name", "arguments"}} ({exc})'
                 ) from exc
-            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            calls = call if isinstance(call, list) else [call]  # a list: parallel calls
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls, **turn_weight})
         else:
-            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value, **turn_weight})
     record: dict[str, Any] = {"messages": messages}
     if item.get("system") is not None:
         record["system"] = item["system"]
@@ -567,6 +576,14 @@ def _conversation(item: dict[str, Any], where: str) -> dict[str, Any]:
             raise DataError(f'{where}: message {i} must be an object with "role" and "content"')
         role, content = message["role"], message.get("content")
         role = _ROLE_ALIASES.get(role, role)
+        weight = message.get("weight")
+        if weight is not None and weight != 1:
+            # OpenAI's fine-tuning format (and ShareGPT sets after it) mark turns not to train with weight 0.
+            raise DataError(
+                f"{where}: message {i} has weight {weight!r}; lmflow trains every assistant message, so a turn "
+                "marked not to be trained would be trained",
+                "remove the weight-0 turns (or the records holding them), or set their weight to 1",
+            )
         if role not in ("system", "user", "assistant", "tool"):
             raise DataError(
                 f"{where}: message {i} has unknown role {role!r}; expected user, assistant, system or tool"

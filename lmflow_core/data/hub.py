@@ -53,18 +53,35 @@ class HubReference:
         return self.repo + (f":{self.split}" if self.split else "")
 
 
+#: Names a hub dataset even where a local directory has the name of its owner.
+HUB_PREFIX = "hf://datasets/"
+
+
 def hub_reference(spec: str) -> HubReference | None:
     """The hub dataset ``spec`` names, or ``None`` when it is a local path or looks like one.
 
     An existing path always wins; a missing path that starts like one (``/``, ``.``, ``~``), has no slash or
-    two, or ends in a data-file suffix stays a path, so that a typo is reported as a missing file.
+    two, ends in a data-file suffix, or whose first part is a local directory (``data/tarin`` beside
+    ``data/``) stays a path, so that a typo is reported as a missing file and never looked up on the hub.
+    ``hf://datasets/org/name[:split]`` always names the hub dataset.
     """
-    if not spec or Path(spec).expanduser().exists() or Path(spec).is_symlink():
+    forced = spec.startswith(HUB_PREFIX)
+    if forced:
+        spec = spec[len(HUB_PREFIX) :]
+    elif not spec or Path(spec).expanduser().exists() or Path(spec).is_symlink():
         return None
     repo, _, split = spec.partition(":")
-    if spec.startswith(("/", ".", "~")) or not _REPO.fullmatch(repo):
+    if not _REPO.fullmatch(repo):
+        if forced:
+            raise DataError(
+                f"{HUB_PREFIX}{spec} does not name a hub dataset", f"write {HUB_PREFIX}org/name[:split]"
+            )
         return None
-    if repo.lower().endswith(_FILE_SUFFIXES):
+    if not forced and (
+        spec.startswith(("/", ".", "~"))
+        or repo.lower().endswith(_FILE_SUFFIXES)
+        or Path(repo).parent.is_dir()
+    ):
         return None
     return HubReference(repo, split or None)
 
@@ -92,7 +109,7 @@ def read_hub_dataset(
             origin = "hub" if reachable else "datasets cache"
         except Exception as exc:
             problem = exc
-        if loaded is not None and not reachable and not _revision_matches(loaded, revision):
+        if loaded is not None and not reachable and not _revision_matches(loaded, revision, reference.repo):
             loaded, problem = None, None  # the datasets cache holds another revision: try the hub cache
         if loaded is None and not reachable:
             snapshot = _snapshot(reference.repo, revision)
@@ -101,6 +118,12 @@ def read_hub_dataset(
                     loaded = datasets.load_dataset(str(snapshot), name=config_name, split=reference.split)
                     origin, problem = "hub cache", None
                 except Exception as exc:
+                    if not _names_a_choice(exc):  # a copy is here but cannot be read: say so, not "download"
+                        raise DataError(
+                            f"the copy of {reference.repo} in the hub cache ({snapshot}) could not be read: "
+                            f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+                            "fix or delete that copy and download it again",
+                        ) from exc
                     problem = exc
     if loaded is None:
         raise _load_error(reference, config_name, revision, problem, reachable, offline)
@@ -124,12 +147,25 @@ def _choose_split(reference: HubReference, splits: list[str], purpose: str) -> s
     for name in _DEFAULT_SPLITS.get(purpose, ("train",)):
         if name in splits:
             return name
+    if purpose == "eval" and splits == ["train"]:
+        raise DataError(
+            f"{reference.repo} has only a train split, and evaluation never reads training data unasked",
+            f"name it if that is what you mean: --eval-dataset {reference.repo}:train",
+        )
     if len(splits) == 1:
         return splits[0]
     option = "--eval-dataset" if purpose == "eval" else "--dataset"
     raise DataError(
         f"{reference.repo} has the splits {', '.join(splits)}; which one should be read?",
         f"name it: {option} {reference.repo}:{splits[0]}",
+    )
+
+
+def _names_a_choice(exc: Exception) -> bool:
+    """Whether a load failed on the split or configuration asked for (reported as such), not on the data."""
+    text = str(exc).lower()
+    return ("split" in text and "should be one of" in text) or (
+        "config" in text and ("available" in text or "missing" in text)
     )
 
 
@@ -143,13 +179,15 @@ def _load_error(
 ) -> DataError:
     text = " ".join(str(problem).split()) if problem is not None else ""
     name = type(problem).__name__ if problem is not None else ""
-    if "split" in text.lower() and "should be one of" in text.lower():
-        return DataError(f"{reference}: {text}", f"name an existing split: {reference.repo}:SPLIT")
-    if "config" in text.lower() and ("available" in text.lower() or "missing" in text.lower()):
+    if problem is not None and _names_a_choice(problem):
+        if "split" in text.lower() and "should be one of" in text.lower():
+            return DataError(f"{reference}: {text}", f"name an existing split: {reference.repo}:SPLIT")
         return DataError(
             f"{reference.repo}: {text}", "pass --dataset-config NAME with one of the configurations named"
         )
-    if reachable:
+    # Told the hub was reachable (behind a proxy it is not probed), yet the connection failed.
+    network = "ConnectionError" in name or "Proxy" in name or "reach" in text.lower()
+    if reachable and not network:
         if name == "DatasetNotFoundError":
             return DataError(
                 f"dataset {reference.repo} is not a local path, and the Hugging Face hub has no dataset of "
@@ -158,6 +196,8 @@ def _load_error(
             )
         return DataError(f"hub dataset {reference}: {name}: {text}", "check the name, split and options")
     why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+    if reachable:
+        why = f"the hub could not be reached ({name})"
     pinned = f" at revision {revision}" if revision else ""
     return DataError(
         f"dataset {reference.repo}{pinned} is neither a local path nor in this machine's Hugging Face cache, and "
@@ -189,12 +229,34 @@ def _cached_revision(dataset: Any) -> str | None:
     return None
 
 
-def _revision_matches(loaded: Any, revision: str | None) -> bool:
-    """Whether a dataset loaded from the ``datasets`` cache is the pinned commit (a branch or tag cannot be
-    checked offline and is taken as it is)."""
-    if revision is None or not _COMMIT.fullmatch(revision):
+def _revision_matches(loaded: Any, revision: str | None, repo: str) -> bool:
+    """Whether a dataset loaded from the ``datasets`` cache is the revision asked for.
+
+    A commit (or the start of one, 7 characters or more) is compared with the cached commit; a branch or tag
+    is resolved through the hub cache's ``refs/`` (what ``hf download`` records) and, where it cannot be, the
+    cached copy is not taken for it.
+    """
+    if revision is None:
         return True
     import datasets
 
     parts = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
-    return all(_cached_revision(part) in (None, revision) for part in parts)
+    cached = {_cached_revision(part) for part in parts}
+    if None in cached or len(cached) != 1:
+        return False
+    (commit,) = cached
+    if re.fullmatch(r"[0-9a-f]{7,40}", revision) and commit.startswith(revision):
+        return True
+    return _resolve_ref(repo, revision) == commit
+
+
+def _resolve_ref(repo: str, revision: str) -> str | None:
+    """The commit a branch or tag pointed at when the dataset was last downloaded into the hub cache."""
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "refs" / revision
+    try:
+        commit = ref.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return commit if _COMMIT.fullmatch(commit) else None

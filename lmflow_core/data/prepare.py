@@ -105,7 +105,8 @@ def tokenize_dataset(
         import json
 
         stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
-        stats.cached = True
+        # Records of two formats can normalise alike (ShareGPT and its OpenAI twin) and share a cache entry.
+        stats.cached, stats.converted = True, dict(raw.converted)
         return datasets.load_from_disk(str(cache_dir / "data")), stats
 
     eos = tokenizer.eos_token_id
