@@ -122,7 +122,9 @@ def test_the_cycle_check_sees_function_level_imports_and_skips_type_only_ones(tm
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)
     (package / "__init__.py").write_text("def run():\n    from .a import x\n")
-    (package / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import b\n")
+    (package / "a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import b\n"
+    )
     (package / "b.py").write_text("def f():\n    from .a import x\n")
     (package / "sub" / "__init__.py").write_text("from .c import y\n")
     (package / "sub" / "c.py").write_text("y = 1\n")
