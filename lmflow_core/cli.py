@@ -322,11 +322,7 @@ def data_check(
         click.echo(json.dumps(info, indent=2))
         return
     if raw.hub is not None:
-        hub = raw.hub
-        click.echo(
-            f"dataset: {path} ({raw.type}, hub dataset {hub['repo']}, config {hub['config']}, split "
-            f"{hub['split']}, revision {hub['revision'] or 'unknown'}, from the {hub['from']})"
-        )
+        click.echo(f"dataset: {path} ({raw.type}, {raw.hub_description})")
     else:
         click.echo(f"dataset: {path} ({raw.type}, {len(raw.files)} file{'s' if len(raw.files) > 1 else ''})")
     how = "detected" if dataset_format == "auto" else "--dataset-format"

@@ -119,11 +119,7 @@ class Reporter:
             parts.append("from cache")
         self.line(" | ".join(parts))
         if getattr(raw, "hub", None):
-            hub = raw.hub
-            self.line(
-                f"data ({split}) read from the hub dataset {hub['repo']} (config {hub['config']}, split "
-                f"{hub['split']}, revision {hub['revision'] or 'unknown'}, from the {hub['from']})"
-            )
+            self.line(f"data ({split}) read from the {raw.hub_description}")
         if stats.truncated:
             # Every example longer than the block size is in `truncated`, the ones that the cut left without a
             # trained token (also counted in `dropped_untrained`) included: adding the two counts them twice.

@@ -152,6 +152,11 @@ def test_a_hub_cache_snapshot_is_read_offline(hub_caches, runner):
     result = invoke(runner, "data", "check", "lmflow-tests/qa", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["hub"]["split"] == "train"
+    text = invoke(runner, "data", "check", "lmflow-tests/qa:test")
+    assert (
+        f"dataset: lmflow-tests/qa:test (conversation, hub dataset lmflow-tests/qa (config default, split test, "
+        f"revision {SNAPSHOT_SHA}, from the hub cache))" in text.output
+    )
     pinned = load_raw_dataset("lmflow-tests/qa", dataset_revision=SNAPSHOT_SHA)
     assert pinned.hub["revision"] == SNAPSHOT_SHA
     with pytest.raises(

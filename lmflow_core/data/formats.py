@@ -119,6 +119,17 @@ class RawDataset:
         return len(self.records)
 
     @property
+    def hub_description(self) -> str | None:
+        """``hub dataset org/name (config C, split S, revision R, from the ...)``; ``None`` for local files."""
+        if self.hub is None:
+            return None
+        hub = self.hub
+        return (
+            f"hub dataset {hub['repo']} (config {hub['config']}, split {hub['split']}, revision "
+            f"{hub['revision'] or 'unknown'}, from the {hub['from']})"
+        )
+
+    @property
     def name(self) -> str:
         """What to call the dataset in messages: its first file, or ``org/name[split]`` for a hub dataset."""
         if self.hub is not None:
@@ -509,10 +520,9 @@ def _from_sharegpt(item: dict[str, Any], where: str) -> dict[str, Any]:
             )
         if not isinstance(value, str):
             raise DataError(f'{where}: turn {i} "value" must be a string, got {type(value).__name__}')
-        if turn.get("weight") is not None:
-            turn_weight = {"weight": turn["weight"]}
-        else:
-            turn_weight = {}
+        turn_weight = (
+            {} if turn.get("weight") is None else {"weight": turn["weight"]}
+        )  # checked with the turn
         if speaker == "function_call":
             try:
                 call = json.loads(value)
