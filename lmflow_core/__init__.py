@@ -36,6 +36,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "ToolCall": ("templates", "ToolCall"),
     "Segment": ("templates", "Segment"),
     "render_text": ("templates", "render_text"),
+    "encode_segments": ("templates", "encode_segments"),
     "tojson": ("templates", "tojson"),
     "get_template": ("catalog", "get_template"),
     "available_templates": ("catalog", "available_templates"),
@@ -113,6 +114,7 @@ if TYPE_CHECKING:
         TemplateError,
         ToolCall,
         TurnTemplate,
+        encode_segments,
         render_text,
         tojson,
     )
@@ -142,6 +144,7 @@ __all__ = [
     "ToolCall",
     "Segment",
     "render_text",
+    "encode_segments",
     "tojson",
     "get_template",
     "available_templates",
