@@ -279,12 +279,12 @@ def data_check(
             config=config, record=record, declared_type=declared_type, where=where
         )
 
-    def render(template: Any, conversation: Any) -> Any:
+    def render(template: Any, conversation: Any, add_generation_prompt: bool = False) -> Any:
         return run_plugins.hook.format_conversation(
             config=config,
             template=template,
             conversation=conversation,
-            add_generation_prompt=False,
+            add_generation_prompt=add_generation_prompt,
             tokenizer=tok,
         )
 
@@ -305,7 +305,7 @@ def data_check(
             raw,
             tok,
             blocks,
-            chosen if raw.type == "conversation" else None,
+            chosen if raw.uses_template else None,
             render,
             cache_extra=formatter_fingerprint(run_plugins),
         )
@@ -316,7 +316,7 @@ def data_check(
         formats=dict(raw.formats),
         hub=raw.hub,
         tokenizer="bundled demo" if model is None and tokenizer is None else (tokenizer or model),
-        template=template_name if raw.type == "conversation" else None,
+        template=template_name if raw.uses_template else None,
     )
     if as_json:
         click.echo(json.dumps(info, indent=2))

@@ -32,7 +32,7 @@ SCHEDULERS = (
     "inverse_sqrt",
 )
 #: --dataset-format values: how records are read (lmflow_core.data.formats reads them).
-DATASET_FORMATS = ("auto", "lmflow", "openai", "sharegpt", "alpaca", "text", "text2text")
+DATASET_FORMATS = ("auto", "lmflow", "openai", "sharegpt", "alpaca", "text", "text2text", "preference")
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 

@@ -76,6 +76,9 @@ def evaluate(config: Any, model: Any, tokenizer: Any, dataset: Any) -> dict[str,
     sliding window that moves by ``config.eval_stride`` tokens (default: half a window), so that every token is
     scored once, with at least ``window - stride`` tokens of context.
     """
+    from .data.prepare import REJECTED_COLUMNS
     from .nll import nll_metrics
 
+    if REJECTED_COLUMNS[0] in dataset.column_names:
+        return None  # preference pairs: the plugin that trains on them measures them (pair accuracy...)
     return nll_metrics(config, model, tokenizer, dataset)

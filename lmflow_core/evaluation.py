@@ -158,7 +158,13 @@ def evaluate_dataset(
         dataset_revision=dataset_revision,
         purpose="eval",
     )
-    if raw.type == "conversation" and template is None and definition == "training":
+    if raw.paired:
+        raise LmflowError(
+            f"{raw.name} holds preference pairs; lmflow evaluate scores the likelihood of texts and conversations",
+            "score pairs with `lmflow run --plugins reward_model` or `--plugins dpo` and --eval-dataset (pair "
+            "accuracy), or evaluate on the chosen answers as a conversation dataset",
+        )
+    if raw.uses_template and template is None and definition == "training":
         raise LmflowError(
             f"{raw.name} holds conversations but the model has no template",
             "pass --template NAME (see `lmflow templates list`)",
@@ -210,7 +216,7 @@ def evaluate_dataset(
         "dataset": str(dataset),
         "hub": raw.hub,
         "type": raw.type,
-        "template": session.template_name if raw.type == "conversation" else None,
+        "template": session.template_name if raw.uses_template else None,
         "nll_definition": definition,
         "prompt_structure": (prompt_structure or "{input}") if definition == "lmflow" else None,
         "records": records,

@@ -427,6 +427,34 @@ def wrap_optimizer(
     """
 
 
+@hookspec(firstresult=True)
+def compute_loss(
+    config: RunConfig, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]] | None:
+    """Compute the loss of a batch: a training objective other than the language-modelling loss.
+
+    When: for every batch the trainer computes a loss on, in training (``model.training`` is true) and in
+    evaluation during the run (``--eval-steps``). The core default returns ``None``: the trainer's own loss
+    (the model's cross-entropy on ``labels``). A plugin that answers owns the loss of every batch: the core then
+    neither divides it by the gradient-accumulation steps itself (return the mean over the batch; the core
+    divides) nor asks the model for its loss.
+
+    Args:
+        config: the run's :class:`lmflow_core.RunConfig`.
+        model: the model being trained (possibly wrapped: ``PeftModel``, DeepSpeed or DDP engine).
+        inputs: the batch from the data collator (for preference pairs: the chosen answers in the first half
+            of ``input_ids``/``labels``/``attention_mask``, the rejected ones in the second half).
+        num_items_in_batch: the number of trained tokens in the optimizer step's batches (may be ``None``).
+
+    Returns: the loss (a scalar tensor), or ``(loss, metrics)`` where ``metrics`` maps names to floats or
+    scalar tensors; the core averages each metric over the batches between two log lines and logs it beside
+    the loss (``eval_<name>`` in evaluation): the progress line, ``lmflow_run.json`` and the report_to
+    integrations show it. ``None`` defers to the next plugin.
+
+    Combine: first result.
+    """
+
+
 @hookspec
 def on_step(config: RunConfig, step: StepContext) -> None:
     """Act after every optimizer step.
@@ -569,7 +597,9 @@ def evaluate(
         config: the run's :class:`lmflow_core.RunConfig`.
         model: the model (a ``PreTrainedModel``, or the wrapper a plugin returned, e.g. a ``PeftModel``).
         tokenizer: the run's tokenizer.
-        dataset: a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``, ``attention_mask``).
+        dataset: a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``, ``attention_mask``; for
+            preference pairs also ``rejected_input_ids``, ``rejected_labels``, ``rejected_attention_mask``,
+            which the core default does not score).
 
     Returns: a dict of metric name to value, or ``None``.
 

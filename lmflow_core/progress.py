@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 class ProgressReporter(TrainerCallback):
     """The loss log (one line per logging step) and, in a terminal, a progress bar."""
 
-    def __init__(self, reporter: Reporter):
+    def __init__(self, reporter: Reporter, metric_names: set[str] | None = None):
         self.reporter = reporter
+        self.metric_names = metric_names if metric_names is not None else set()
         self.start = 0.0
         self.last_time = 0.0
         self.last_tokens = 0
@@ -59,14 +60,20 @@ class ProgressReporter(TrainerCallback):
                 parts.append(f"lr {logs['learning_rate']:.2e}")
             if "grad_norm" in logs:
                 parts.append(f"grad {logs['grad_norm']:.3g}")
+            parts += [f"{name} {logs[name]:.4g}" for name in sorted(self.metric_names) if name in logs]
             if rate:
                 parts.append(f"{rate:,.0f} tok/s")
             self.reporter.line(" | ".join(parts))
             if self.reporter._bar is not None:
                 self.reporter._bar.set_postfix(loss=f"{logs['loss']:.4f}")
         elif "eval_loss" in logs:
+            extra = "".join(
+                f" | eval {name} {logs['eval_' + name]:.4g}"
+                for name in sorted(self.metric_names)
+                if "eval_" + name in logs
+            )
             self.reporter.line(
-                f"step {state.global_step:>{width}}/{state.max_steps} | eval loss {logs['eval_loss']:.4f}"
+                f"step {state.global_step:>{width}}/{state.max_steps} | eval loss {logs['eval_loss']:.4f}{extra}"
             )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -140,10 +140,11 @@ class Reporter:
             f"trainable), {str(dtype).replace('torch.', '')}, {model.device}"
         )
 
-    def progress_callback(self) -> TrainerCallback:
+    def progress_callback(self, metric_names: set[str] | None = None) -> TrainerCallback:
+        """The trainer callback printing the loss log; ``metric_names``: plugin metrics printed beside it."""
         from .progress import ProgressReporter  # a Trainer callback: transformers loads only for a run
 
-        return ProgressReporter(self)
+        return ProgressReporter(self, metric_names)
 
     def summary(self, result: Any) -> None:
         losses = [loss for _, loss in result.losses]

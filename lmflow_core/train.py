@@ -165,7 +165,7 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     _wait_for_everyone()
 
     report.header(config, run_plugins, model_source(config), template_name, block_size)
-    if config.template and train_raw.type != "conversation":
+    if config.template and not train_raw.uses_template:
         report.note(
             f"--template {config.template} is not used: {train_raw.type} data is not rendered by a template"
         )
@@ -297,11 +297,26 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
         else None
     )
     for raw in (train_raw, eval_raw):
-        if raw is not None and raw.type == "conversation" and template is None:
+        if raw is not None and raw.uses_template and template is None:
             raise ConfigError(
                 f"{raw.name} holds conversations, which need a template",
                 "pass --template NAME (see `lmflow templates list`)",
             )
+    if train_raw.paired != (eval_raw.paired if eval_raw is not None else train_raw.paired):
+        raise ConfigError(
+            f"{train_raw.name} holds {train_raw.type} records but {eval_raw.name} holds {eval_raw.type} ones",
+            "evaluate on data of the training data's kind",
+        )
+    if train_raw.paired and not hook.compute_loss.get_hookimpls():
+        raise ConfigError(
+            f"{train_raw.name} holds preference pairs (chosen and rejected answers), which train with a "
+            "pairwise loss",
+            "add --plugins dpo (or reward_model), or train on the chosen answers as conversations",
+        )
+    if train_raw.paired and config.packing:
+        raise ConfigError(
+            "--packing packs examples of one sequence each; preference pairs are two", "drop --packing"
+        )
     check_packing(config, model_config)
     block_size = block_size_for(config, model_config, stored.get("block_size"))
     return CheckedRun(plan, template_name, template, train_raw, eval_raw, model_config, block_size)

@@ -112,7 +112,8 @@ def build_trainer(
 ) -> Any:
     hook = run_plugins.hook
     hook_callback = HookCallback(config, run_plugins)
-    callbacks = [hook_callback, report.progress_callback()]
+    metric_names: set[str] = set()
+    callbacks = [hook_callback, report.progress_callback(metric_names)]
     for extra in hook.trainer_callbacks(config=config):
         callbacks.extend(extra or [])
     trainer = LmflowTrainer(
@@ -123,6 +124,7 @@ def build_trainer(
         data_collator=hook.data_collator(config=config, tokenizer=tokenizer),
         processing_class=tokenizer,
         callbacks=callbacks,
+        metric_names=metric_names,
     )
     trainer.lmflow_config = config
     trainer.lmflow_plugins = run_plugins
@@ -141,11 +143,62 @@ class LmflowTrainer(Trainer):
     lmflow_step_loss: Any = None
     lmflow_record: RunRecorder | None = None
 
+    def __init__(self, *args: Any, metric_names: set[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lmflow_metrics: dict[str, dict[str, list[Any]]] = {}
+        # Names of the plugin metrics logged so far (shared with the progress line, which prints them).
+        self.lmflow_metric_names = metric_names if metric_names is not None else set()
+
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         # The returned losses of one optimizer step's micro-batches add up to that step's loss.
         loss = super().training_step(*args, **kwargs)
         self.lmflow_step_loss = loss if self.lmflow_step_loss is None else self.lmflow_step_loss + loss
         return loss
+
+    def plugin_loss(self) -> bool:
+        """Whether a selected plugin computes the loss (the ``compute_loss`` hook)."""
+        return bool(self.lmflow_plugins.hook.compute_loss.get_hookimpls())
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        if not self.plugin_loss():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The plugin returns the batch's mean loss: transformers divides it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        result = self.lmflow_plugins.hook.compute_loss(
+            config=self.lmflow_config, model=model, inputs=inputs, num_items_in_batch=num_items_in_batch
+        )
+        if result is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, metrics = result if isinstance(result, tuple) else (result, {})
+        split = "train" if model.training else "eval"
+        bucket = self.lmflow_metrics.setdefault(split, {})
+        for name, value in (metrics or {}).items():
+            bucket.setdefault(name, []).append(value.detach() if hasattr(value, "detach") else value)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(
+        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+    ) -> Any:
+        if not self.plugin_loss():
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        import torch
+
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # A plugin loss's metrics, averaged since the last log line, are logged beside the loss.
+        split, prefix = ("eval", "eval_") if "eval_loss" in logs else ("train", "")
+        if "loss" in logs or "eval_loss" in logs:
+            for name, values in self.lmflow_metrics.pop(split, {}).items():
+                total = sum(float(v) for v in values)
+                logs[f"{prefix}{name}"] = round(total / len(values), 6)
+                self.lmflow_metric_names.add(name)
+        super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model: Any = None) -> Any:
         optimizer = super().create_optimizer(model)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, add_to_catalog
+from transformers import TrainerCallback
 
 from lmflow_core import PluginOption, hookimpl, run
 from lmflow_core.errors import ConfigError, LmflowError
@@ -414,6 +415,57 @@ def test_hook_wrap_optimizer_replacement_is_used(tiny_llama, chat_data, tmp_path
         extra_plugins={"opt": plugin},
     )
     assert len(steps) == 3
+
+
+def test_hook_compute_loss_replaces_the_loss_and_logs_its_metrics(tiny_llama, chat_data, tmp_path):
+    """The hook's loss is what the optimizer minimises and what is logged (divided over accumulation steps);
+    its metrics are averaged between log lines and logged beside the loss, in evaluation too."""
+    seen = []
+
+    def compute_loss(model, inputs, num_items_in_batch):
+        seen.append((model.training, inputs["input_ids"].shape[0]))
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        # a loss of its own: the mean squared logit (the language-modelling loss would go up, not this)
+        loss = out.logits.float().pow(2).mean()
+        return loss, {"mean_logit_sq": loss.detach(), "constant": 2.0}
+
+    logs = []
+
+    class Logs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            record.append(dict(logs or {}))
+
+    record = logs
+    plugin = types.SimpleNamespace(
+        compute_loss=hookimpl(compute_loss), trainer_callbacks=hookimpl(lambda: [Logs()])
+    )
+    result = run(
+        model=str(tiny_llama),
+        dataset=str(chat_data),
+        eval_dataset=str(chat_data),
+        eval_steps=4,
+        template="chatml",
+        output_dir=str(tmp_path / "o"),
+        max_steps=4,
+        batch_size=2,
+        grad_accum=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_steps=None,
+        extra_plugins={"sq": plugin},
+    )
+    losses = [loss for _, loss in result.losses]
+    assert losses[-1] < losses[0] / 2  # the optimizer minimised the hook's loss
+    assert sum(1 for training, _ in seen if training) == 4 * 2  # every micro-batch went through the hook
+    assert any(not training for training, _ in seen)  # and the evaluation batches
+    train_logs = [h for h in logs if "loss" in h]
+    assert len(train_logs) == 4 and all(h["constant"] == 2.0 for h in train_logs)
+    # the logged loss is the mean over the step's micro-batches (the core divided by the accumulation steps),
+    # equal to the averaged metric
+    assert [h["mean_logit_sq"] for h in train_logs] == pytest.approx(
+        [h["loss"] for h in train_logs], rel=1e-3
+    )
+    assert any("eval_mean_logit_sq" in h and "eval_constant" in h for h in logs)
 
 
 def test_hook_on_step_runs_after_every_optimizer_step_with_the_loss(recorded_run):

@@ -15,7 +15,10 @@ JSON nested deeper than Python can parse are refused with an error naming the fi
 
 * ShareGPT records (``{"conversations": [{"from", "value"}, ...]}``, roles ``human``/``gpt``/``system``/
   ``tool``/``function_call``/``observation``), converted to conversations;
-* OpenAI chat records (``{"messages": [...]}``), whose contents may be strings or lists of content parts.
+* OpenAI chat records (``{"messages": [...]}``), whose contents may be strings or lists of content parts;
+* preference pairs (``{"prompt" or "messages"?, "chosen", "rejected"}``, see :func:`_pair`), the data of reward
+  models and DPO: text pairs become ``paired_text2text`` records, message lists ``paired_conversation`` ones
+  (also the LMFlow types ``paired_conversation`` and ``paired_text_to_text``).
 
 A record's format is detected from its keys (``--dataset-format auto``) or named with ``--dataset-format``.
 A dataset may also be a Hugging Face hub id (``org/name[:split]``, see :mod:`.hub`), read through ``datasets``.
@@ -37,9 +40,14 @@ from ..errors import DataError
 from ..inputs import DATASET_FILE_LIMIT, read_input_text
 from ..templates import Conversation, Template, TemplateError
 
-TYPES = ("text_only", "text2text", "conversation")
+TYPES = ("text_only", "text2text", "conversation", "paired_conversation", "paired_text2text")
+#: Record types that hold a chosen and a rejected answer to one prompt (trained with a pairwise loss).
+PAIRED_TYPES = ("paired_conversation", "paired_text2text")
+#: LMFlow "type" names read as another: the original toolkit calls text pairs ``paired_text_to_text``.
+_TYPE_ALIASES = {"paired_text_to_text": "paired_text2text"}
 ALPACA = "alpaca"
 SHAREGPT = "sharegpt"
+PREFERENCE = "preference"
 #: What each format is called in messages, and the key(s) that identify it.
 FORMAT_NAMES = {
     "lmflow": 'LMFlow ({"type", "instances"})',
@@ -48,6 +56,7 @@ FORMAT_NAMES = {
     ALPACA: 'Alpaca ("instruction", "output")',
     "text": 'text ("text")',
     "text2text": 'text2text ("input", "output")',
+    PREFERENCE: 'preference ("chosen", "rejected")',
     "plugin": "a plugin's normalize_record",
 }
 #: The record type each record format becomes.
@@ -88,6 +97,8 @@ _READ_NAMES = ".json, .jsonl, .json.gz and .jsonl.gz"
 MAX_DEPTH = 500
 #: Auto-detection: the first key a record has decides its format.
 _KEYS_TO_FORMAT = (
+    ("chosen", PREFERENCE),
+    ("rejected", PREFERENCE),
     ("messages", "openai"),
     ("conversations", SHAREGPT),
     ("instruction", ALPACA),
@@ -117,6 +128,16 @@ class RawDataset:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def uses_template(self) -> bool:
+        """Whether the records are conversations, which a template renders."""
+        return self.type in ("conversation", "paired_conversation")
+
+    @property
+    def paired(self) -> bool:
+        """Whether the records are preference pairs (a chosen and a rejected answer to one prompt)."""
+        return self.type in PAIRED_TYPES
 
     @property
     def hub_description(self) -> str | None:
@@ -269,11 +290,12 @@ def load_raw_dataset(
         if record_format in _CONVERTED:
             dataset.converted[record_format] += 1
         dataset.formats[record_format] += 1
-        if template is not None and dataset.type == "conversation":
+        if template is not None and dataset.type in ("conversation", "paired_conversation"):
             try:
-                template.check(
-                    Conversation.from_messages(record["messages"], record["system"], record.get("tools"))
-                )
+                for messages in _checked_conversations(record):
+                    template.check(
+                        Conversation.from_messages(messages, record["system"], record.get("tools"))
+                    )
             except TemplateError as exc:
                 raise DataError(
                     f"{where}: {exc.message}", exc.hint or "fix the record or choose another --template"
@@ -334,6 +356,7 @@ def _read_file(file: Path) -> tuple[str | None, list[tuple[str, Any]]]:
         return None, [(f"record {i}", item) for i, item in enumerate(data)]
     if isinstance(data, dict) and "instances" in data:
         kind = data.get("type")
+        kind = _TYPE_ALIASES.get(kind, kind)
         if kind not in TYPES:
             raise DataError(
                 f'{file}: "type" is {kind!r}; expected one of {", ".join(TYPES)}',
@@ -440,9 +463,12 @@ def _normalise(
                 f"{where} has keys {sorted(item)} and fits none of the formats tried: {tried}",
                 "fix the record (see README, Data formats) or name its format with --dataset-format",
             )
-        kind = FORMAT_TYPES[record_format]
+        kind = FORMAT_TYPES.get(record_format)
     else:
-        record_format, kind = dataset_format, FORMAT_TYPES[dataset_format]
+        record_format, kind = dataset_format, FORMAT_TYPES.get(dataset_format)
+    if record_format == PREFERENCE or kind in PAIRED_TYPES:
+        kind, record = _pair(item, where, kind if record_format == "lmflow" else None)
+        return record_format, kind, record
     if kind == "text_only":
         return (
             record_format,
@@ -564,11 +590,12 @@ def _string(item: dict[str, Any], key: str, where: str, allow_empty: bool, fmt: 
     return value
 
 
-def _conversation(item: dict[str, Any], where: str) -> dict[str, Any]:
+def _conversation(item: dict[str, Any], where: str, trained: bool = True) -> dict[str, Any]:
     """A conversation record: system prompt, messages (tool calls and results included) and tools.
 
     Tool calls and tool definitions are stored as JSON text, so that records with different tool schemas
-    fit in one dataset table.
+    fit in one dataset table. ``trained=False`` reads a conversation that need not hold an assistant message
+    (the prompt of a preference pair).
     """
     messages = item.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -622,7 +649,7 @@ def _conversation(item: dict[str, Any], where: str) -> dict[str, Any]:
         if calls:
             entry["tool_calls"] = json.dumps(calls, ensure_ascii=False)
         clean.append(entry)
-    if not any(m["role"] == "assistant" for m in clean):
+    if trained and not any(m["role"] == "assistant" for m in clean):
         raise DataError(
             f"{where} has no assistant message, so nothing in it would be trained", "remove the record"
         )
@@ -673,3 +700,171 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
                 ) from exc
         out.append({"name": function["name"], "arguments": arguments})
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Preference pairs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _checked_conversations(record: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The whole conversations a record holds: itself, or a pair's prompt followed by each answer."""
+    if "chosen" in record:
+        return [record["messages"] + record["chosen"], record["messages"] + record["rejected"]]
+    return [record["messages"]]
+
+
+def _pair(item: dict[str, Any], where: str, declared: str | None) -> tuple[str, dict[str, Any]]:
+    """A preference pair: ``(type, record)``.
+
+    Accepted shapes (``chosen`` and ``rejected`` always; the prompt in one of three ways):
+
+    * text: ``{"prompt"?: str, "chosen": str, "rejected": str}`` -> ``paired_text2text``
+      ``{"prompt", "chosen", "rejected"}``; without a prompt, the texts' common beginning is the prompt
+      (Anthropic HH: ``"\n\nHuman: ...\n\nAssistant: ..."``);
+    * messages: ``{"prompt" or "messages": [messages] or str, "chosen", "rejected"}`` where each answer is a
+      string, a message or a list of messages (Hugging Face's preference layout) -> ``paired_conversation``
+      ``{"system", "messages" (the prompt), "chosen", "rejected" (the answers' messages), "tools"?}``;
+      without a prompt, both answers are whole conversations and their common first messages are the prompt;
+    * the LMFlow ``paired_conversation`` type: ``{"chosen": {"system"?, "messages"}, "rejected": {...}}``.
+    """
+    if not isinstance(item, dict):
+        raise DataError(f"{where} must be a JSON object, got {type(item).__name__}", "fix the record")
+    for key in ("chosen", "rejected"):
+        if item.get(key) is None:
+            raise DataError(
+                f'{where} is a preference pair without "{key}" (keys: {sorted(item)})',
+                'give every pair a "chosen" and a "rejected" answer',
+            )
+    chosen, rejected = item["chosen"], item["rejected"]
+    prompt = item.get("prompt", item.get("messages"))
+    text = (
+        isinstance(chosen, str) and isinstance(rejected, str) and (prompt is None or isinstance(prompt, str))
+    )
+    if declared == "paired_text2text" or (declared is None and text and "messages" not in item):
+        return "paired_text2text", _text_pair(item, where)
+    if isinstance(chosen, dict) and isinstance(rejected, dict) and "messages" in chosen:
+        # LMFlow's paired_conversation: two whole conversations
+        whole = [
+            _conversation(side, f"{where} ({key})")
+            for key, side in (("chosen", chosen), ("rejected", rejected))
+        ]
+        if whole[0]["system"] != whole[1]["system"]:
+            raise DataError(
+                f'{where}: "chosen" and "rejected" have different system prompts', "give both the same"
+            )
+        return "paired_conversation", _split_pair(
+            whole[0]["messages"], whole[1]["messages"], whole[0]["system"], whole[0].get("tools"), where
+        )
+    answers = []
+    for key, side in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(side, str | dict):
+            side = [side if isinstance(side, dict) else {"role": "assistant", "content": side}]
+        if not isinstance(side, list) or not side:
+            raise DataError(
+                f'{where}: "{key}" must be a string, a message or a non-empty list of messages',
+                "fix the record",
+            )
+        answers.append(side)
+    if prompt is None:  # implicit prompt: two whole conversations sharing their first messages
+        whole = [
+            _conversation(
+                {"messages": side, "system": item.get("system"), "tools": item.get("tools")},
+                f"{where} ({key})",
+            )
+            for key, side in (("chosen", answers[0]), ("rejected", answers[1]))
+        ]
+        return "paired_conversation", _split_pair(
+            whole[0]["messages"], whole[1]["messages"], whole[0]["system"], whole[0].get("tools"), where
+        )
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    head = _conversation(
+        {"messages": prompt, "system": item.get("system"), "tools": item.get("tools")},
+        f"{where} (prompt)",
+        trained=False,
+    )
+    record = dict(head)
+    for key, side in (("chosen", answers[0]), ("rejected", answers[1])):
+        record[key] = _answer(side, f"{where} ({key})")
+    _check_prompt(record["messages"], where)
+    return "paired_conversation", record
+
+
+def _text_pair(item: dict[str, Any], where: str) -> dict[str, Any]:
+    chosen = _string(item, "chosen", where, allow_empty=False, fmt=PREFERENCE)
+    rejected = _string(item, "rejected", where, allow_empty=False, fmt=PREFERENCE)
+    if item.get("prompt") is not None:
+        return {
+            "prompt": _string(item, "prompt", where, allow_empty=True),
+            "chosen": chosen,
+            "rejected": rejected,
+        }
+    # No prompt: the texts' common beginning is the prompt; a space before the first difference starts the
+    # answers (as tokenizers attach a space to the word after it).
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if n and n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
+    if n == len(chosen) or n == len(rejected):
+        raise DataError(
+            f'{where}: "chosen" and "rejected" are the same text, or one begins the other, so no answer is left '
+            "to compare",
+            'give the answers that differ (with "prompt" holding what they share)',
+        )
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def _answer(messages: list[Any], where: str) -> list[dict[str, Any]]:
+    """An answer's messages (assistant turns, tool results between them), checked like a conversation's."""
+    checked = _conversation({"messages": messages}, where)
+    if checked["system"] is not None:
+        raise DataError(f"{where}: an answer cannot hold a system message", "put it in the prompt")
+    if checked["messages"][0]["role"] != "assistant":
+        raise DataError(
+            f"{where}: the answer begins with a {checked['messages'][0]['role']} message, not the assistant's",
+            "put everything before the assistant's answer in the prompt",
+        )
+    return checked["messages"]
+
+
+def _check_prompt(messages: list[dict[str, Any]], where: str) -> None:
+    if not messages:
+        raise DataError(f"{where}: the prompt holds no message", "give the pair a prompt")
+    if messages[-1]["role"] == "assistant":
+        raise DataError(
+            f"{where}: the prompt ends with an assistant message, so the answers would continue it",
+            "end the prompt with the user's (or a tool's) message",
+        )
+
+
+def _split_pair(
+    chosen: list[dict[str, Any]], rejected: list[dict[str, Any]], system: str | None, tools: Any, where: str
+) -> dict[str, Any]:
+    """Two whole conversations as a prompt (their common first messages) and two answers."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n and chosen[n - 1]["role"] == "assistant":  # an answer starts with the assistant's turn
+        n -= 1
+    if n == len(chosen) or n == len(rejected):
+        raise DataError(
+            f'{where}: "chosen" and "rejected" are the same conversation, or one begins the other',
+            "give two conversations that differ in the assistant's last answer",
+        )
+    record: dict[str, Any] = {"system": system, "messages": chosen[:n]}
+    for key, side in (("chosen", chosen[n:]), ("rejected", rejected[n:])):
+        if side[0]["role"] != "assistant":
+            raise DataError(
+                f'{where}: "chosen" and "rejected" differ before the assistant\'s answer (in a {side[0]["role"]} '
+                "message)",
+                'give both the same prompt, or write the pair with "prompt", "chosen" and "rejected"',
+            )
+        record[key] = side
+    _check_prompt(record["messages"], where)
+    if tools is not None:
+        record["tools"] = tools
+    return record

@@ -30,12 +30,12 @@ def prepare_data(
 ) -> tuple[Any, Any, dict[str, Any]]:
     hook = run_plugins.hook
 
-    def render(template: Any, conversation: Any) -> Any:
+    def render(template: Any, conversation: Any, add_generation_prompt: bool = False) -> Any:
         return hook.format_conversation(
             config=config,
             template=template,
             conversation=conversation,
-            add_generation_prompt=False,
+            add_generation_prompt=add_generation_prompt,
             tokenizer=tokenizer,
         )
 

@@ -6,6 +6,11 @@ Every example gets ``input_ids``, ``labels`` (-100 where no loss is taken) and `
   into block-size chunks (the last chunk is kept, shorter), so nothing is truncated.
 * ``text2text``: the input is not trained, the output and the EOS after it are.
 * ``conversation``: the template decides (assistant turns and their end-of-turn marker are trained).
+* ``paired_text2text`` and ``paired_conversation`` (preference pairs): the chosen answer in ``input_ids``,
+  ``labels``, ``attention_mask``, the rejected one in ``rejected_input_ids``, ``rejected_labels``,
+  ``rejected_attention_mask``; each is the prompt (never trained) followed by the answer (trained), tokenized as
+  ``text2text`` and ``conversation`` records are. Only the answers are trained: assistant turns inside a
+  multi-turn prompt are not.
 
 Examples longer than the block size are truncated and counted; examples left with no trained token are
 dropped and counted. Both counts are reported, never silent. Tokenization runs batched through ``datasets``
@@ -25,12 +30,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..templates import Conversation, Segment, Template, encode_segments
-from .formats import RawDataset
+from ..errors import DataError
+from ..templates import Conversation, Segment, Template, encode_segments, render_text
+from .formats import PAIRED_TYPES, RawDataset
 
-CACHE_FORMAT = "lmflow-data-v3"  # bump when tokenization changes, so old caches are not reused
+CACHE_FORMAT = "lmflow-data-v4"  # bump when tokenization changes, so old caches are not reused
 IGNORE_INDEX = -100
-TEXT_FIELDS = ("text", "input", "output", "system", "messages", "tools")
+TEXT_FIELDS = ("text", "input", "output", "system", "messages", "tools", "prompt", "chosen", "rejected")
+#: The columns of the rejected answer of a preference pair (the chosen one is in input_ids/labels).
+REJECTED_COLUMNS = ("rejected_input_ids", "rejected_labels", "rejected_attention_mask")
 
 
 @dataclass
@@ -69,7 +77,8 @@ def cache_root() -> Path:
     return Path(base) / "datasets"
 
 
-Formatter = Callable[[Template, Conversation], list[Segment]]
+#: Renders a conversation: ``(template, conversation, add_generation_prompt=False) -> segments``.
+Formatter = Callable[..., list[Segment]]
 
 
 def tokenize_dataset(
@@ -96,9 +105,12 @@ def tokenize_dataset(
     """
     import datasets
 
-    if raw.type == "conversation" and template is None:
+    if raw.uses_template and template is None:
         raise ValueError("conversation data needs a template")
-    render = format_conversation or (lambda t, c: t.render(c, False, tokenizer))
+    render = format_conversation or (
+        lambda t, c, add_generation_prompt=False: t.render(c, add_generation_prompt, tokenizer)
+    )
+    paired = raw.type in PAIRED_TYPES
     key = _cache_key(raw, tokenizer, block_size, template, group_texts, cache_extra + f"|truncate={truncate}")
     cache_dir = cache_root() / key
     if use_cache and (cache_dir / "stats.json").is_file():
@@ -112,6 +124,8 @@ def tokenize_dataset(
     eos = tokenizer.eos_token_id
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
+        if paired:
+            return _encode_pairs(batch, raw.type, tokenizer, template, render)
         if raw.type == "conversation":
             tools = batch.get("tools") or [None] * len(batch["messages"])
             rendered = [
@@ -140,17 +154,24 @@ def tokenize_dataset(
         elif not truncate:
             batch = dict(batch)
         else:
-            batch = {
-                **batch,
-                "input_ids": [x[:block_size] for x in batch["input_ids"]],
-                "labels": [x[:block_size] for x in batch["labels"]],
-            }
+            batch = dict(batch)
+            for key in ("input_ids", "labels") + (REJECTED_COLUMNS[:2] if paired else ()):
+                batch[key] = [x[:block_size] for x in batch[key]]
         batch.pop("_full_length", None)  # counted before the cut; not a column of the examples
         ids = batch["input_ids"]
         batch["attention_mask"] = [[1] * len(x) for x in ids]
         batch["_trained"] = [sum(t != IGNORE_INDEX for t in x) for x in batch["labels"]]
         batch["_max_id"] = [max(x, default=-1) for x in ids]
         batch["_length"] = [len(x) for x in ids]
+        if paired:  # a pair is trained only when both answers keep a trained token
+            rejected = batch["rejected_input_ids"]
+            batch["rejected_attention_mask"] = [[1] * len(x) for x in rejected]
+            batch["_trained"] = [
+                min(n, sum(t != IGNORE_INDEX for t in x))
+                for n, x in zip(batch["_trained"], batch["rejected_labels"])
+            ]
+            batch["_max_id"] = [max(m, max(x, default=-1)) for m, x in zip(batch["_max_id"], rejected)]
+            batch["_length"] = [n + len(x) for n, x in zip(batch["_length"], rejected)]
         return batch
 
     grouping = raw.type == "text_only" and group_texts and truncate
@@ -177,6 +198,11 @@ def tokenize_dataset(
         desc="Cutting to block size",
     )
     trained = finished["_trained"]
+    if paired:  # the trained tokens of both answers (a pair is kept when each has one)
+        trained = [
+            n and sum(t != IGNORE_INDEX for t in c) + sum(t != IGNORE_INDEX for t in r)
+            for n, c, r in zip(trained, finished["labels"], finished["rejected_labels"])
+        ]
     stats = DataStats(
         type=raw.type,
         records=len(raw),
@@ -206,6 +232,60 @@ def tokenize_dataset(
     if use_cache:
         _save_cache(cache_dir, encoded, stats)
     return encoded, stats
+
+
+def _encode_pairs(
+    batch: dict[str, list], kind: str, tokenizer: Any, template: Template | None, render: Formatter
+) -> dict[str, list]:
+    """Token ids and labels of both answers of each preference pair (see the module docstring)."""
+    out: dict[str, list] = {}
+    if kind == "paired_text2text":
+        prompts = tokenizer(batch["prompt"], add_special_tokens=True)["input_ids"]
+        eos = tokenizer.eos_token_id
+        for side, prefix in (("chosen", ""), ("rejected", "rejected_")):
+            answers = tokenizer(batch[side], add_special_tokens=False)["input_ids"]
+            ids = [prompt + _with_eos(answer, eos) for prompt, answer in zip(prompts, answers)]
+            out[f"{prefix}input_ids"] = ids
+            out[f"{prefix}labels"] = [
+                [IGNORE_INDEX] * len(prompt) + x[len(prompt) :] for prompt, x in zip(prompts, ids)
+            ]
+    else:
+        tools = batch.get("tools") or [None] * len(batch["messages"])
+        for side, prefix in (("chosen", ""), ("rejected", "rejected_")):
+            rendered = []
+            for prompt, answer, system, tool_list in zip(
+                batch["messages"], batch[side], batch["system"], tools
+            ):
+                whole = render(template, Conversation.from_messages(prompt + answer, system, tool_list))
+                # The prompt's own rendering ends where the answer begins: nothing before it is trained.
+                head = render_text(render(template, Conversation.from_messages(prompt, system, tool_list)))
+                if not render_text(whole).startswith(head):
+                    raise DataError(
+                        f"template {template.name!r} renders a pair's prompt differently alone than followed by "
+                        "its answer, so the prompt cannot be told apart from the answer",
+                        "choose another --template for preference data",
+                    )
+                rendered.append(_untrained_prefix(whole, len(head)))
+            ids, labels = encode_segments(tokenizer, rendered, template)
+            out[f"{prefix}input_ids"], out[f"{prefix}labels"] = ids, labels
+    out["_full_length"] = [max(len(c), len(r)) for c, r in zip(out["input_ids"], out["rejected_input_ids"])]
+    return out
+
+
+def _untrained_prefix(segments: list[Segment], chars: int) -> list[Segment]:
+    """``segments`` with nothing trained in their first ``chars`` characters."""
+    out, position = [], 0
+    for segment in segments:
+        end = position + len(segment.text)
+        if segment.trained and position < chars:
+            cut = min(chars, end) - position
+            out.append(Segment(segment.text[:cut], False))
+            if segment.text[cut:]:
+                out.append(Segment(segment.text[cut:], True))
+        else:
+            out.append(segment)
+        position = end
+    return out
 
 
 def _untrained_bos(ids: list[int], tokenizer: Any) -> list[int]:
