@@ -340,8 +340,12 @@ def data_check(
         + (" (tokenized before: read from the cache)" if stats.cached else "")
     )
     what = f"tokenizer {info['tokenizer']}" + (f", template {template_name}" if info["template"] else "")
+    unit = "pair" if raw.paired else "example"
+    if raw.paired:
+        click.echo(f"pairs: {stats.examples:,} (each a prompt with a chosen and a rejected answer)")
     click.echo(
-        f"tokens per example ({what}): min {stats.length_min}, mean {stats.length_mean:.1f}, "
+        f"tokens per {unit} ({what}{', the longer answer' if raw.paired else ''}): min {stats.length_min}, "
+        f"mean {stats.length_mean:.1f}, "
         f"median {stats.length_median:g}, p95 {stats.length_p95}, max {stats.length_max}"
     )
     share = stats.trained_tokens / stats.tokens if stats.tokens else 0.0
@@ -350,8 +354,9 @@ def data_check(
         click.echo(f"block size {blocks}: texts are concatenated and cut into {stats.examples:,} blocks")
     else:
         click.echo(
-            f"block size {blocks}: {stats.truncated:,} example{'s' if stats.truncated != 1 else ''} would be "
+            f"block size {blocks}: {stats.truncated:,} {unit}{'s' if stats.truncated != 1 else ''} would be "
             f"truncated, {stats.dropped_untrained:,} would have no trained token left"
+            + (" in an answer (dropped)" if raw.paired else "")
         )
     click.echo("OK: every record is valid")
 

@@ -108,7 +108,8 @@ class Reporter:
     def data(self, split: str, raw: Any, stats: Any) -> None:
         converted = "".join(f", {n} converted from {k}" for k, n in stats.converted.items())
         parts = [
-            f"data ({split}): {stats.records:,} {stats.type} records{converted} -> {stats.examples:,} examples",
+            f"data ({split}): {stats.records:,} {stats.type} records{converted} -> {stats.examples:,} "
+            + ("pairs" if stats.type.startswith("paired") else "examples"),
             f"{stats.tokens:,} tokens ({stats.trained_tokens:,} trained)",
         ]
         if stats.truncated:
@@ -167,8 +168,22 @@ class Reporter:
         if is_adapter(result.output_dir):
             how = "a PEFT adapter: peft.PeftModel.from_pretrained, lmflow chat/generate/evaluate"
         else:
-            how = "loads with AutoModelForCausalLM.from_pretrained"
+            how = f"loads with {auto_class_of(result.output_dir)}.from_pretrained"
         self.line(f"saved: {result.output_dir} ({how})")
+
+
+def auto_class_of(model_dir: str) -> str:
+    """The ``transformers`` auto class that loads a saved model, from its architecture's name."""
+    import json
+    from pathlib import Path
+
+    try:
+        architecture = json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "AutoModelForCausalLM"
+    if str(architecture).endswith("ForSequenceClassification"):  # a reward model
+        return "AutoModelForSequenceClassification"
+    return "AutoModelForCausalLM"
 
 
 def quiet_libraries() -> None:

@@ -214,7 +214,7 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     eval_metrics = evaluate_hooks(run_plugins, config, model, tokenizer, eval_data)
     samples = (
         _samples(run_plugins, config, model, tokenizer, template)
-        if config.sample_prompts and template
+        if config.sample_prompts and template and _generates(model)
         else []
     )
     state = trainer.state
@@ -332,6 +332,12 @@ def _wait_for_everyone() -> None:
 # --------------------------------------------------------------------------------------------------------------
 # After training
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _generates(model: Any) -> bool:
+    """Whether the trained model writes text (a reward model scores it instead)."""
+    can = getattr(model, "can_generate", None)
+    return bool(can()) if callable(can) else True
 
 
 def _samples(
