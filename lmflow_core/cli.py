@@ -344,7 +344,7 @@ def data_check(
     if raw.paired:
         click.echo(f"pairs: {stats.examples:,} (each a prompt with a chosen and a rejected answer)")
     click.echo(
-        f"tokens per {unit} ({what}{', the longer answer' if raw.paired else ''}): min {stats.length_min}, "
+        f"tokens per {unit} ({what}{'; prompt and the longer answer' if raw.paired else ''}): min {stats.length_min}, "
         f"mean {stats.length_mean:.1f}, "
         f"median {stats.length_median:g}, p95 {stats.length_p95}, max {stats.length_max}"
     )

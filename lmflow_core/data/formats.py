@@ -820,7 +820,7 @@ def _text_pair(item: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _answer(messages: list[Any], where: str) -> list[dict[str, Any]]:
     """An answer's messages (assistant turns, tool results between them), checked like a conversation's."""
-    checked = _conversation({"messages": messages}, where)
+    checked = _conversation({"messages": messages}, where, trained=False)
     if checked["system"] is not None:
         raise DataError(f"{where}: an answer cannot hold a system message", "put it in the prompt")
     if checked["messages"][0]["role"] != "assistant":
