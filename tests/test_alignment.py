@@ -293,10 +293,10 @@ def test_dpo_starts_at_ln2_and_its_margins_and_accuracy_grow(tiny_llama, pairs_f
     assert record["result"]["eval"]["dpo_pair_accuracy"] == 1.0
 
 
-@pytest.mark.parametrize(("loss", "first"), [("ipo", 1 / (4 * 0.5**2)), ("hinge", 1.0)])
-def test_dpo_ipo_and_hinge_losses_at_the_first_step(tiny_llama, text_pairs_file, tmp_path, loss, first):
+@pytest.mark.parametrize(("loss", "beta", "first"), [("ipo", 0.25, 1 / (4 * 0.25**2)), ("hinge", 0.5, 1.0)])
+def test_dpo_ipo_and_hinge_losses_at_the_first_step(tiny_llama, text_pairs_file, tmp_path, loss, beta, first):
     result = dpo_run(
-        tiny_llama, text_pairs_file, tmp_path / loss, max_steps=3, dpo={"loss": loss, "beta": 0.5}
+        tiny_llama, text_pairs_file, tmp_path / loss, max_steps=3, dpo={"loss": loss, "beta": beta}
     )
     losses = [value for _, value in result.losses]
     assert losses[0] == pytest.approx(first, rel=1e-6)  # z = 0 when policy = reference
