@@ -170,3 +170,150 @@ def add_to_catalog(monkeypatch, plugin, name: str) -> None:
         return pm, broken
 
     monkeypatch.setattr(plugins_module, "load_catalog", catalog)
+
+
+# ==============================================================================================================
+# TRL DPO reference
+# ==============================================================================================================
+# The losses TRL's DPOTrainer gives on a model and preference records, to hold the dpo plugin's losses against.
+# TRL is an optional test dependency: callers skip without it (``pytest.importorskip("trl")``). What an
+# implementation must match to give TRL's losses is summarised in trl_dpo_losses' docstring (read from TRL 1.16.0
+# and checked against an independent re-implementation to 4e-6).
+
+
+def trl_dpo_config(
+    *,
+    beta: float,
+    loss_type: str,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    precompute_ref: bool = False,
+    max_length: int | None = None,
+    output_dir,
+    **settings,
+):
+    """A ``trl.DPOConfig`` with the training arguments ``lmflow_core.run`` gives transformers for the same settings.
+
+    The arguments are lmflow's own (``lmflow_core.trainer.training_kwargs`` of a ``RunConfig`` built from these
+    settings, with ``logging_steps=1`` and no checkpoints), so scheduler, warm-up, weight decay, clipping,
+    optimizer, seeds, precision and activation checkpointing are lmflow's defaults unless ``settings`` (further
+    ``RunConfig`` fields by their ``lmflow_core.run`` names: ``grad_accum``, ``lr_scheduler``, ``warmup``,
+    ``weight_decay``, ``max_grad_norm``, ``optimizer``, ``bf16``...) change them. This matters: DPOConfig's own
+    defaults differ from TrainingArguments' (activation checkpointing and bf16 on, learning rate 1e-6,
+    logging every 10 steps, ``max_length`` 1024).
+    """
+    from trl import DPOConfig
+
+    from lmflow_core.config import RunConfig
+    from lmflow_core.trainer import training_kwargs
+
+    settings = {"logging_steps": 1, "save_steps": 0, **settings}
+    config = RunConfig(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        **settings,
+    )
+    kwargs = training_kwargs(config, has_eval=False)
+    # TRL selects its tokenized columns itself (prompt_ids, chosen_ids, rejected_ids, ref_*_logps).
+    kwargs["remove_unused_columns"] = True
+    return DPOConfig(
+        **kwargs,
+        beta=beta,
+        loss_type=[loss_type],
+        max_length=max_length,  # None: no truncation (TRL's default is 1024, which also drops long prompts)
+        precompute_ref_log_probs=precompute_ref,
+        dataset_num_proc=None,
+    )
+
+
+def trl_dpo_trainer(
+    model_dir,
+    records: list[dict],
+    *,
+    peft_config=None,
+    callbacks: list | None = None,
+    **settings,
+):
+    """TRL's DPOTrainer on the model in ``model_dir`` (with its tokenizer) and the preference ``records``.
+
+    ``settings`` are those of :func:`trl_dpo_config`. The policy is loaded from ``model_dir``; the reference is
+    a second frozen copy loaded from it by TRL (``ref_model=None``), or none with ``precompute_ref=True`` (the
+    policy scores the data once before training) or a ``peft_config`` (the base model with the adapter off).
+    """
+    from datasets import Dataset
+    from transformers import AutoTokenizer, PrinterCallback, ProgressCallback
+    from trl import DPOTrainer
+
+    args = trl_dpo_config(**settings)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    trainer = DPOTrainer(
+        model=str(model_dir),
+        args=args,
+        train_dataset=Dataset.from_list([dict(r) for r in records]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    for noisy in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(noisy)
+    return trainer
+
+
+def trl_dpo_losses(
+    model_dir,
+    records: list[dict],
+    *,
+    beta: float,
+    loss_type: str,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    precompute_ref: bool = False,
+    max_length: int | None = None,
+    output_dir,
+    **settings,
+) -> list[float]:
+    """The training loss of each of the ``steps`` optimizer steps of TRL's DPOTrainer (logging_steps=1).
+
+    ``records`` are ``{"prompt": str, "chosen": str, "rejected": str}``; ``loss_type`` is ``"sigmoid"``,
+    ``"ipo"`` or ``"hinge"``; ``settings`` are further ``lmflow_core.run`` settings (see :func:`trl_dpo_config`).
+    Runs where transformers puts it (the CPU here), on a tiny model in seconds. At step 1 the policy is the
+    reference: sigmoid gives ln 2, hinge 1, ipo 1/(4 beta^2).
+
+    What an implementation must do to give the same losses (TRL 1.16):
+
+    * tokens: ``prompt_ids = tok(prompt)``, ``full = tok(prompt + chosen + eos_token)`` (the EOS *string* is
+      appended unless the text ends with it; default ``add_special_tokens=True``, so a BOS the tokenizer adds
+      starts both), same for rejected; the completion starts at the longest common prefix of ``prompt_ids`` with
+      both full sequences (usually ``len(prompt_ids)``; shorter when tokens merge across the boundary);
+    * logps: sum over completion tokens of ``log_softmax(logits[t-1])[token t]``, float32, no averaging;
+      chosen and rejected in one forward, padded on the right, ``[chosen..., rejected...]``;
+    * loss per pair with ``d = (pi_c - ref_c) - (pi_r - ref_r)``: sigmoid ``-logsigmoid(beta d)`` (no label
+      smoothing), hinge ``relu(1 - beta d)``, ipo ``(d_avg - 1/(2 beta))^2`` where ``d_avg`` divides each log
+      ratio by its completion's token count; the batch loss is the mean over pairs;
+    * the logged loss of a step is the mean of its micro-batch losses (gradient accumulation);
+    * batches: the dataset in record order, sampled by transformers' Trainer with ``seed``/``data_seed`` (no
+      example dropped when ``max_length`` is None), dropout disabled in both models.
+    """
+    trainer = trl_dpo_trainer(
+        model_dir,
+        records,
+        beta=beta,
+        loss_type=loss_type,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        precompute_ref=precompute_ref,
+        max_length=max_length,
+        output_dir=output_dir,
+        **settings,
+    )
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
