@@ -83,7 +83,7 @@ class RunConfig:
     dataset_format: str = opt(
         "auto",
         "How records are read: auto (detected from each record's keys), lmflow, openai, sharegpt, alpaca, "
-        "text or text2text.",
+        "text, text2text or preference (chosen/rejected pairs).",
         "Data",
         choices=DATASET_FORMATS,
     )
