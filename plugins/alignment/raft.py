@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from lmflow_core import (
     ConfigError,
     LmflowError,
+    PluginError,
     __version__,
     atomic_write,
     check_output_apart,
@@ -66,6 +67,7 @@ SUMMARY = "raft.json"
 ITERATION_RECORD = "iteration.json"
 STRATEGIES = ("per-prompt", "global")
 STAGING_PREFIX = ".staging-iteration-"
+PREFLIGHT = "raft_preflight"  # the name of the plugin that stops the training checks
 # The settings that decide a run's results: a resumed run must be given the same ones (--iterations may grow).
 RESULT_SETTINGS = (
     "model",
@@ -403,11 +405,14 @@ def preflight_training(
             save_steps=0,
             resume=False,
             overwrite=False,
-            extra_plugins={"raft_checks": _preflight_plugin()},
+            extra_plugins={PREFLIGHT: _preflight_plugin()},
             **settings,
         )
     except _Checked:
         return
+    except PluginError as exc:  # the checking plugin is none the user can name: not among those listed
+        message = exc.message.replace(f", {PREFLIGHT}", "").replace(f"{PREFLIGHT}, ", "")
+        raise PluginError(message, exc.hint) from None
 
 
 def describe_train_config(train_config: Any) -> Any:
