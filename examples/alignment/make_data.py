@@ -4,8 +4,9 @@
 
 writes ``pairs.jsonl`` (training pairs), ``pairs_eval.jsonl`` and ``prompts.jsonl`` (questions without answers)
 into the directory given. Each pair's chosen answer is the demo's correct answer; the rejected one is the answer
-to another question of the same kind ("What is the capital of Italy?" -> "The capital of Austria is Vienna."),
-wrong but fluent, which is what a reward model and DPO must learn to tell apart. ``reward.py`` beside this file
+to another question, half of the time one of the same kind ("What is the capital of Italy?" -> "The capital of
+Austria is Vienna."): wrong but fluent, which is what a reward model and DPO must learn to tell apart. The
+evaluation pairs and the prompts ask 48 questions that no training pair asks. ``reward.py`` beside this file
 is the rule-based reward RAFT can use with the same data.
 """
 
@@ -41,9 +42,12 @@ def pairs(turns: list[tuple[str, str]], rng: random.Random) -> list[dict]:
     answers = defaultdict(set)
     for question, answer in turns:
         answers[kind(question)].add(answer)
+    everything = sorted({answer for _, answer in turns})
     out = []
     for question, answer in turns:
         wrong = sorted(answers[kind(question)] - {answer})
+        if rng.random() < 0.5 or not wrong:  # half the time an answer to another kind of question
+            wrong = [other for other in everything if other not in answers[kind(question)]]
         if wrong:
             out.append(
                 {
@@ -59,11 +63,15 @@ def main(out_dir: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    train, evaluation = single_turns("train"), single_turns("eval")
+    turns = single_turns("train") + single_turns("eval")
+    everything = pairs(turns, rng)
+    rng.shuffle(everything)
+    evaluation = everything[:48]  # questions held out of training
+    held_out = {p["prompt"][0]["content"] for p in evaluation}
     files = {
-        "pairs.jsonl": pairs(train, rng),
-        "pairs_eval.jsonl": pairs(evaluation, rng),
-        "prompts.jsonl": [{"prompt": q} for q in sorted({q for q, _ in evaluation})],
+        "pairs.jsonl": [p for p in everything if p["prompt"][0]["content"] not in held_out],
+        "pairs_eval.jsonl": evaluation,
+        "prompts.jsonl": [{"prompt": q} for q in sorted(held_out)],
     }
     for name, records in files.items():
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
