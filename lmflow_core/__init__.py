@@ -55,6 +55,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "hub_offline": ("network", "hub_offline"),
     # models and model directories
     "model_source": ("models", "model_source"),
+    "demo_dataset": ("demo", "demo_dataset"),
     "load_default_tokenizer": ("models", "load_default_tokenizer"),
     "load_model_config": ("models", "load_model_config"),
     "load_pretrained": ("loading", "load_pretrained"),
@@ -77,6 +78,7 @@ _LAZY: dict[str, tuple[str, str]] = {
 if TYPE_CHECKING:
     from .catalog import available_templates, get_template
     from .config import RunConfig
+    from .demo import demo_dataset
     from .evaluation import evaluate_dataset
     from .files import (
         check_output_apart,
@@ -163,6 +165,7 @@ __all__ = [
     "hub_offline",
     # models and model directories
     "model_source",
+    "demo_dataset",
     "load_default_tokenizer",
     "load_model_config",
     "load_pretrained",

@@ -445,3 +445,27 @@ def test_dpo_losses_equal_trl_dpo_trainer(tiny_llama, tmp_path, loss, beta, more
     assert len(losses) == len(expected) == 5
     assert losses == pytest.approx(expected, abs=1e-4)
     assert losses[-1] != pytest.approx(losses[0], abs=1e-3)  # the comparison spans real training
+
+
+def test_the_alignment_example_data_and_reward(tmp_path):
+    """examples/alignment: the pairs load as conversation pairs, no evaluation question is trained on, and the
+    rule-based reward scores the demo's own answer 1 and a wrong one lower."""
+    import runpy
+
+    from helpers import REPO
+
+    runpy.run_path(str(REPO / "examples" / "alignment" / "make_data.py"), run_name="make_data")["main"](
+        str(tmp_path)
+    )
+    train = load_raw_dataset(tmp_path / "pairs.jsonl")
+    evaluation = load_raw_dataset(tmp_path / "pairs_eval.jsonl")
+    assert (
+        train.type == evaluation.type == "paired_conversation" and len(evaluation) == 48 and len(train) > 200
+    )
+    asked = {r["messages"][-1]["content"] for r in train.records}
+    assert not asked & {r["messages"][-1]["content"] for r in evaluation.records}
+    reward = runpy.run_path(str(REPO / "examples" / "alignment" / "reward.py"))["reward"]
+    pair = evaluation.records[0]
+    prompt = [{"role": "user", "content": pair["messages"][-1]["content"]}]
+    good, bad = reward([prompt, prompt], [pair["chosen"][0]["content"], pair["rejected"][0]["content"]])
+    assert good == 1.0 and bad < 0.9

@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from lmflow_core.demo import demo_dataset
+from lmflow_core import demo_dataset
 
 
 def single_turns(split: str) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lmflow_core.demo import demo_dataset
+from lmflow_core import demo_dataset
 
 
 def _known_answers() -> dict[str, str]:
@@ -27,11 +27,14 @@ def _known_answers() -> dict[str, str]:
 KNOWN = _known_answers()
 
 
-def reward(prompts: list[str], answers: list[str]) -> list[float]:
-    """One score in [0, 1] per (prompt, answer): the exact answer scores 1, others the share of its words."""
+def reward(prompts: list[list[dict]], answers: list[str]) -> list[float]:
+    """One score in [0, 1] per (prompt, answer): the exact answer scores 1, others the share of its words.
+
+    ``prompts[i]`` is the conversation answered (messages ending with the user's question).
+    """
     scores = []
-    for prompt, answer in zip(prompts, answers):
-        expected = KNOWN.get(prompt)
+    for messages, answer in zip(prompts, answers):
+        expected = KNOWN.get(messages[-1]["content"])
         if expected is None:
             scores.append(0.0)
             continue
