@@ -164,13 +164,14 @@ class LmflowTrainer(Trainer):
     ) -> Any:
         if not self.plugin_loss():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # The plugin returns the batch's mean loss: transformers divides it by the accumulation steps.
-        self.loss_is_scaled_for_ga = False
         result = self.lmflow_plugins.hook.compute_loss(
             config=self.lmflow_config, model=model, inputs=inputs, num_items_in_batch=num_items_in_batch
         )
-        if result is None:
+        if result is None:  # every plugin deferred: transformers decides the scaling as for its own loss
+            self.loss_is_scaled_for_ga = None
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The plugin returns the batch's mean loss: transformers divides it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
         loss, metrics = result if isinstance(result, tuple) else (result, {})
         split = "train" if model.training else "eval"
         bucket = self.lmflow_metrics.setdefault(split, {})

@@ -86,6 +86,27 @@ def test_text_pairs_with_and_without_a_prompt(tmp_path):
     }
 
 
+def test_pair_layouts_of_hub_datasets_and_mixed_records(tmp_path):
+    # UltraFeedback: a text prompt and answers that repeat it as whole conversations
+    ultra = {
+        "prompt": "Sky?",
+        "chosen": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}],
+        "rejected": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Green."}],
+        "messages": None,  # rows read through Arrow carry other columns as None
+    }
+    kind, record = read_one(tmp_path, ultra, "u.jsonl")
+    assert kind == "paired_conversation" and record["messages"] == [{"role": "user", "content": "Sky?"}]
+    assert record["chosen"] == [{"role": "assistant", "content": "Blue."}]
+    # a system prompt makes a text pair a conversation pair (nothing of the record is dropped)
+    kind, record = read_one(
+        tmp_path, {"prompt": "Q", "chosen": "A", "rejected": "B", "system": "Be terse."}, "s.jsonl"
+    )
+    assert kind == "paired_conversation" and record["system"] == "Be terse."
+    # texts that part mid-word share the word's beginning, which goes to the answers
+    kind, record = read_one(tmp_path, {"chosen": "A: I can help", "rejected": "A: I cannot help"}, "w.jsonl")
+    assert record == {"prompt": "A: I", "chosen": " can help", "rejected": " cannot help"}
+
+
 def test_conversation_pairs_in_every_layout_normalise_alike(tmp_path):
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky?"}]
     expected = {
@@ -147,6 +168,26 @@ def test_conversation_pairs_in_every_layout_normalise_alike(tmp_path):
             ["differ before the assistant's answer"],
         ),
         ({"prompt": "Q", "chosen": 3, "rejected": "C"}, ['"chosen" must be a string, a message or']),
+        ({"prompt": "Q", "chosen": "Same.", "rejected": "Same."}, ["are the same answer"]),
+        (
+            {"prompt": [{"role": "user", "content": "Q"}], "chosen": "A", "rejected": "A"},
+            ["are the same answer"],
+        ),
+        (
+            {
+                "chosen": [
+                    {"role": "system", "content": "S1"},
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "A"},
+                ],
+                "rejected": [
+                    {"role": "system", "content": "S2"},
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "B"},
+                ],
+            },
+            ["different system prompts"],
+        ),
     ],
 )
 def test_malformed_pairs_are_named_with_file_and_line(tmp_path, record, fragments):
@@ -362,6 +403,33 @@ def test_dpo_resume_is_bit_identical(tiny_llama, text_pairs_file, tmp_path):
     a = load_file(tmp_path / "whole" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_under_bf16_starts_at_ln2(tiny_llama, text_pairs_file, tmp_path):
+    """The reference runs in the policy's autocast: at step 1 they are equal, in bf16 as in fp32."""
+    for precompute in (False, True):
+        result = dpo_run(
+            tiny_llama, text_pairs_file, tmp_path / f"bf16-{precompute}", max_steps=1, bf16=True,
+            dpo={"precompute_ref": precompute},
+        )  # fmt: skip
+        assert result.losses[0][1] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_alignment_plugins_refuse_what_they_cannot_combine_with(
+    runner, tiny_llama, text_pairs_file, tmp_path
+):
+    for plugins, fragments in (
+        ("dpo,chunked_ce", ["chunked_ce", "logits"]),
+        ("reward_model,lora", ["score head untrained"]),
+        ("reward_model,chunked_ce", ["chunked_ce"]),
+        ("dpo,reward_model", ["one after the other"]),
+    ):
+        result = invoke(
+            runner, "run", "--plugins", plugins, "--model", tiny_llama, "--dataset", text_pairs_file,
+            "--output-dir", tmp_path / "o",
+        )  # fmt: skip
+        assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "o").exists()
 
 
 def test_dpo_options_are_checked(runner, tiny_llama, text_pairs_file, tmp_path):

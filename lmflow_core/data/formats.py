@@ -737,11 +737,13 @@ def _pair(item: dict[str, Any], where: str, declared: str | None) -> tuple[str, 
                 'give every pair a "chosen" and a "rejected" answer',
             )
     chosen, rejected = item["chosen"], item["rejected"]
-    prompt = item.get("prompt", item.get("messages"))
+    # Rows read through Arrow carry absent keys as None: a key counts only when it holds a value.
+    prompt = item.get("prompt") if item.get("prompt") is not None else item.get("messages")
+    conversational = any(item.get(key) is not None for key in ("messages", "system", "tools"))
     text = (
         isinstance(chosen, str) and isinstance(rejected, str) and (prompt is None or isinstance(prompt, str))
     )
-    if declared == "paired_text2text" or (declared is None and text and "messages" not in item):
+    if declared == "paired_text2text" or (declared is None and text and not conversational):
         return "paired_text2text", _text_pair(item, where)
     if isinstance(chosen, dict) and isinstance(rejected, dict) and "messages" in chosen:
         # LMFlow's paired_conversation: two whole conversations
@@ -766,6 +768,10 @@ def _pair(item: dict[str, Any], where: str, declared: str | None) -> tuple[str, 
                 "fix the record",
             )
         answers.append(side)
+    starts = [side[0].get("role") if isinstance(side[0], dict) else None for side in answers]
+    if prompt is not None and starts[0] not in (None, "assistant") and starts[1] == starts[0]:
+        # The answers are whole conversations that repeat the prompt (UltraFeedback's layout): split those.
+        prompt = None
     if prompt is None:  # implicit prompt: two whole conversations sharing their first messages
         whole = [
             _conversation(
@@ -774,6 +780,10 @@ def _pair(item: dict[str, Any], where: str, declared: str | None) -> tuple[str, 
             )
             for key, side in (("chosen", answers[0]), ("rejected", answers[1]))
         ]
+        if whole[0]["system"] != whole[1]["system"]:
+            raise DataError(
+                f'{where}: "chosen" and "rejected" have different system prompts', "give both the same"
+            )
         return "paired_conversation", _split_pair(
             whole[0]["messages"], whole[1]["messages"], whole[0]["system"], whole[0].get("tools"), where
         )
@@ -788,6 +798,11 @@ def _pair(item: dict[str, Any], where: str, declared: str | None) -> tuple[str, 
     for key, side in (("chosen", answers[0]), ("rejected", answers[1])):
         record[key] = _answer(side, f"{where} ({key})")
     _check_prompt(record["messages"], where)
+    if record["chosen"] == record["rejected"]:
+        raise DataError(
+            f'{where}: "chosen" and "rejected" are the same answer, so there is nothing to prefer',
+            "remove the pair or fix one of its answers",
+        )
     return "paired_conversation", record
 
 
@@ -795,6 +810,11 @@ def _text_pair(item: dict[str, Any], where: str) -> dict[str, Any]:
     chosen = _string(item, "chosen", where, allow_empty=False, fmt=PREFERENCE)
     rejected = _string(item, "rejected", where, allow_empty=False, fmt=PREFERENCE)
     if item.get("prompt") is not None:
+        if chosen == rejected:
+            raise DataError(
+                f'{where}: "chosen" and "rejected" are the same answer, so there is nothing to prefer',
+                "remove the pair or fix one of its answers",
+            )
         return {
             "prompt": _string(item, "prompt", where, allow_empty=True),
             "chosen": chosen,
@@ -807,8 +827,12 @@ def _text_pair(item: dict[str, Any], where: str) -> dict[str, Any]:
         if a != b:
             break
         n += 1
-    if n and n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
-        n -= 1
+    if n < min(len(chosen), len(rejected)):
+        # Texts that part mid-word ("I can help" / "I cannot help") share the word's start, not the prompt.
+        while n and chosen[n - 1].isalnum() and (chosen[n].isalnum() or rejected[n].isalnum()):
+            n -= 1
+        if n and chosen[n - 1] == " ":
+            n -= 1
     if n == len(chosen) or n == len(rejected):
         raise DataError(
             f'{where}: "chosen" and "rejected" are the same text, or one begins the other, so no answer is left '

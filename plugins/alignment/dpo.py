@@ -80,15 +80,20 @@ def declare_options() -> list[PluginOption]:
 
 
 @hookimpl
+def declare_conflicts() -> dict[str, str]:
+    # chunked_ce computes the loss from labels inside the model's forward; DPO scores answers from the logits
+    return {"chunked_ce": "DPO scores the answers from the model's logits, which chunked_ce never builds"}
+
+
+@hookimpl
 def validate_config(config: RunConfig) -> list[str] | None:
     problems = []
     if config.packing:
         problems.append("--plugins dpo scores whole answers; --packing would mix examples: drop --packing")
-    options = config.options_for(NAME)
-    if "zero3" in config.plugins and "lora" not in config.plugins and not options.precompute_ref:
+    if "zero3" in config.plugins and "lora" not in config.plugins:
+        # A partitioned model can neither be copied nor run outside DeepSpeed's engine before training.
         problems.append(
-            "--plugins dpo under zero3 cannot keep a reference copy of a partitioned model: add "
-            "--dpo-precompute-ref (or --plugins lora)"
+            "--plugins dpo under zero3 needs the adapter-disabled model as its reference: add --plugins lora"
         )
     return problems or None
 
@@ -163,17 +168,18 @@ def evaluate(config: RunConfig, model: Any, tokenizer: Any, dataset: Any) -> dic
     import torch
 
     check_pairs(dataset, NAME, "eval")
-    # Read in order, pair i of the evaluation data is the one whose reference was precomputed as pair i.
     was_training = model.training
     model.eval()
     device = _device_of(model)
     totals: dict[str, float] = {}
     start = 0
+    # A pair's precomputed reference is found by the index it carries (whatever reordered the dataset since).
+    indexes = dataset[INDEX] if INDEX in dataset.column_names else list(range(len(dataset)))
     with torch.no_grad():
         for batch in pair_batches(dataset, config.eval_batch_size or config.batch_size, pad_id_of(tokenizer)):
             pairs = batch["input_ids"].shape[0] // 2
             batch = {k: v.to(device) for k, v in batch.items()}
-            batch[INDEX] = torch.arange(start, start + pairs, device=device)
+            batch[INDEX] = torch.tensor(indexes[start : start + pairs], device=device)
             start += pairs
             loss, metrics = _pair_loss(config, model, batch, "eval")
             for name, value in {"loss": loss, **metrics}.items():
@@ -210,7 +216,7 @@ def _pair_loss(
     options = config.options_for(NAME)
     ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
     logps, counts = answer_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(config, ids.device):
         ref_logps, ref_counts = _reference(config, model, inputs, split)
     if options.loss == "ipo":  # IPO compares per-token mean log-probabilities
         logps, ref_logps = logps / counts.clamp(min=1), ref_logps / ref_counts.clamp(min=1)
@@ -268,7 +274,7 @@ def _reference_logps(config: RunConfig, model: Any, tokenizer: Any, dataset: Any
     rows = []
     peft_model = unwrap(model)
     guard = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else nullcontext()
-    with torch.no_grad(), guard:
+    with torch.no_grad(), guard, _autocast(config, _device_of(model)):
         for batch in pair_batches(dataset, config.eval_batch_size or config.batch_size, pad_id_of(tokenizer)):
             batch = {k: v.to(_device_of(model)) for k, v in batch.items()}
             logps, counts = answer_logps(
@@ -289,6 +295,16 @@ def _compute_device(model: Any) -> Any:
     if getattr(unwrap(model), "hf_device_map", None) or not torch.cuda.is_available():
         return None
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _autocast(config: RunConfig, device: Any) -> Any:
+    """The mixed precision the trainer runs the policy in (``--bf16``/``--fp16``), for the reference too: so that
+    at the first step the reference equals the policy exactly."""
+    import torch
+
+    if config.bf16 or config.fp16:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if config.bf16 else torch.float16)
+    return nullcontext()
 
 
 def _device_of(model: Any) -> Any:

@@ -28,7 +28,10 @@ NAME = "reward_model"
 @hookimpl
 def declare_conflicts() -> dict[str, str]:
     return {
-        "dpo": "a reward model scores answers; DPO trains the policy itself: run them one after the other"
+        "dpo": "a reward model scores answers; DPO trains the policy itself: run them one after the other",
+        "lora": "lora adapts a causal LM's layers and would leave the new score head untrained; train the "
+        "reward model in full",
+        "chunked_ce": "chunked_ce replaces the language-modelling head, which a reward model does not use",
     }
 
 
