@@ -235,6 +235,11 @@ def data_group() -> None:
 )
 @click.option("--plugins", help="Plugins whose format_conversation hook should render conversations.")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+@click.option(
+    "--preprocessing-workers",
+    type=click.IntRange(min=1),
+    help="Processes that tokenize (default: one).",
+)
 @dataset_reading_options
 @debug_option
 def data_check(
@@ -245,6 +250,7 @@ def data_check(
     block_size: int | None,
     plugins: str | None,
     as_json: bool,
+    preprocessing_workers: int | None,
     dataset_format: str,
     dataset_config: str | None,
     dataset_revision: str | None,
@@ -262,7 +268,7 @@ def data_check(
     from .data.pipeline import formatter_fingerprint
     from .models import block_size_for, load_model_config, model_source, stored_run
     from .plugins import select_plugins
-    from .report import Reporter, quiet_libraries, reporting
+    from .report import Reporter, preparation_summary, quiet_libraries, reporting
 
     quiet_libraries()
     # The model `lmflow run --dataset PATH` would train (the bundled demo without --model), and its block size
@@ -308,6 +314,7 @@ def data_check(
             chosen if raw.uses_template else None,
             render,
             cache_extra=formatter_fingerprint(run_plugins),
+            workers=preprocessing_workers,
         )
     info = stats.to_dict()
     info.update(
@@ -337,7 +344,7 @@ def data_check(
     converted = "".join(f" ({n} converted from {k})" for k, n in stats.converted.items())
     click.echo(
         f"records: {stats.records:,}{converted}"
-        + (" (tokenized before: read from the cache)" if stats.cached else "")
+        + (" (tokenized before: read from the cache)" if stats.cached else f", {preparation_summary(stats)}")
     )
     what = f"tokenizer {info['tokenizer']}" + (f", template {template_name}" if info["template"] else "")
     unit = "pair" if raw.paired else "example"

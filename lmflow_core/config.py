@@ -87,6 +87,12 @@ class RunConfig:
         "Data",
         choices=DATASET_FORMATS,
     )
+    preprocessing_workers: int | None = opt(
+        None,
+        "Processes that tokenize the data (default: one).",
+        "Data",
+        min=1,
+    )
     dataset_config: str | None = opt(
         None, "Configuration (subset) of a hub dataset, for --dataset and --eval-dataset.", "Data"
     )

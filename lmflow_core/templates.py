@@ -12,7 +12,6 @@ small YAML/JSON file holding the fields of :class:`TurnTemplate` (``--template p
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import json
 import re
@@ -510,14 +509,23 @@ def trained_spans(segments: Sequence[Segment]) -> list[tuple[int, int]]:
 def labels_from_offsets(
     input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
 ) -> list[int]:
-    """Labels for ``input_ids``: the id where the token overlaps a trained span, -100 elsewhere."""
-    starts = [s for s, _ in spans]
-    labels = []
-    for token_id, (start, end) in zip(input_ids, offsets):
-        i = bisect.bisect_right(starts, max(start, end - 1)) - 1
-        overlaps = i >= 0 and end > start and start < spans[i][1] and end > spans[i][0]
-        labels.append(token_id if overlaps else -100)
-    return labels
+    """Labels for ``input_ids``: the id where the token overlaps a trained span, -100 elsewhere.
+
+    Vectorised (numpy): for each token, the first span ending after the token's start is the only one it can
+    overlap (the spans are sorted and disjoint); it does when that span starts before the token ends.
+    """
+    import numpy as np
+
+    if not spans or not input_ids:
+        return [-100] * len(input_ids)
+    ids = np.asarray(input_ids, dtype=np.int64)
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    span_bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    start, end = bounds[:, 0], bounds[:, 1]
+    first = np.searchsorted(span_bounds[:, 1], start, side="right")
+    candidate = np.minimum(first, len(span_bounds) - 1)
+    overlaps = (first < len(span_bounds)) & (span_bounds[candidate, 0] < end) & (end > start)
+    return np.where(overlaps, ids, -100).tolist()
 
 
 def encode_segments(

@@ -340,3 +340,28 @@ def test_data_check_reports_a_malformed_record_in_one_line(runner, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("Error: ") and "c.json: instance 0" in result.stderr
+
+
+def test_tokenizing_in_several_processes_gives_the_same_examples(tiny_llama, tmp_path):
+    """--preprocessing-workers: the examples, masks and statistics of two processes equal one process's; the
+    statistics record the processes and the time, which data check reports."""
+    from transformers import AutoTokenizer
+
+    from lmflow_core import get_template
+    from lmflow_core.data import load_raw_dataset, tokenize_dataset
+
+    template = get_template("chatml")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    raw = load_raw_dataset(
+        write_json(tmp_path / "c.json", {"type": "conversation", "instances": conversations(40)}), template
+    )
+    one, one_stats = tokenize_dataset(raw, tokenizer, 24, template, use_cache=False)
+    two, two_stats = tokenize_dataset(raw, tokenizer, 24, template, use_cache=False, workers=2)
+    assert one.to_dict() == two.to_dict()
+    assert (one_stats.workers, two_stats.workers) == (1, 2) and two_stats.seconds > 0
+    assert {**one_stats.to_dict(), "workers": 0, "seconds": 0} == {
+        **two_stats.to_dict(),
+        "workers": 0,
+        "seconds": 0,
+    }
+    assert one_stats.truncated > 0  # the cut is part of what is compared

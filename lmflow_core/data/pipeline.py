@@ -51,6 +51,7 @@ def prepare_data(
             render,
             config.group_texts,
             cache_extra=formatter_fingerprint(run_plugins),
+            workers=config.preprocessing_workers,
         )
         report.data(split, raw, split_stats)
         data = fold(

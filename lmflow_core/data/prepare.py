@@ -25,6 +25,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,9 +67,19 @@ class DataStats:
     max_token_id: int = -1
     converted: dict[str, int] = field(default_factory=dict)
     cached: bool = False
+    #: Wall time of the tokenization (not of reading the records) and the processes that did it.
+    seconds: float = 0.0
+    workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def tokenization_workers(requested: int | None, records: int) -> int:
+    """How many processes tokenize ``records`` records: ``requested`` (default one), never more than one per
+    record. One is the default because the tokenized examples travel back from the worker processes in
+    memory: on two cores, 20,000 conversations took 20.5 s with two processes and 19.0 s with one."""
+    return max(1, min(requested or 1, records))
 
 
 def cache_root() -> Path:
@@ -91,6 +102,7 @@ def tokenize_dataset(
     cache_extra: str = "",
     use_cache: bool = True,
     truncate: bool = True,
+    workers: int | None = None,
 ) -> tuple[Any, DataStats]:
     """Tokenize ``raw`` into a ``datasets.Dataset`` of ``input_ids``, ``labels``, ``attention_mask``.
 
@@ -100,6 +112,7 @@ def tokenize_dataset(
         cache_extra: anything else the result depends on (e.g. plugins that format conversations).
         truncate: cut examples to ``block_size`` (training); ``False`` keeps every example whole and
             ungrouped (scoring, where long texts are read with a sliding window).
+        workers: processes that tokenize (see :func:`tokenization_workers`; ``None``: automatic).
 
     Returns the dataset and its :class:`DataStats`.
     """
@@ -121,6 +134,7 @@ def tokenize_dataset(
         stats.cached, stats.converted = True, dict(raw.converted)
         return datasets.load_from_disk(str(cache_dir / "data")), stats
 
+    started = time.monotonic()
     eos = tokenizer.eos_token_id
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -178,6 +192,7 @@ def tokenize_dataset(
     source = datasets.Dataset.from_list(raw.records)
     # Columns a plugin's normalize_record added (e.g. image paths) travel with their examples.
     text_columns = [c for c in source.column_names if c in TEXT_FIELDS]
+    processes = tokenization_workers(workers, len(source))
     encoded = source.map(
         encode,
         batched=True,
@@ -185,6 +200,10 @@ def tokenize_dataset(
         remove_columns=text_columns,
         keep_in_memory=True,
         load_from_cache_file=False,
+        num_proc=processes if processes > 1 else None,
+        # The cache key names the result; without it datasets would pickle the whole closure (the tokenizer,
+        # the plugins' hooks) to fingerprint every map, several seconds on a large dataset.
+        new_fingerprint=f"{key}-tokenized",
         desc="Tokenizing",
     )
     full_lengths = sorted(encoded["_full_length"])
@@ -195,6 +214,7 @@ def tokenize_dataset(
         keep_in_memory=True,
         load_from_cache_file=False,
         remove_columns=encoded.column_names if grouping else ["_full_length"],
+        new_fingerprint=f"{key}-cut",
         desc="Cutting to block size",
     )
     trained = finished["_trained"]
@@ -225,9 +245,12 @@ def tokenize_dataset(
             batched=True,
             keep_in_memory=True,
             load_from_cache_file=False,
+            new_fingerprint=f"{key}-kept",
         )
     stats.tokens = sum(finished["_length"])
     stats.examples = len(finished)
+    stats.workers = processes
+    stats.seconds = round(time.monotonic() - started, 2)
     encoded = finished.remove_columns(["_trained", "_max_id", "_length"])
     if use_cache:
         _save_cache(cache_dir, encoded, stats)
