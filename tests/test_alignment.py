@@ -309,14 +309,13 @@ def dpo_run(model, data, out, **settings):
 def test_dpo_starts_at_ln2_and_its_margins_and_accuracy_grow(tiny_llama, pairs_file, tmp_path):
     from transformers import TrainerCallback
 
-    logs = []
+    history = []
 
     class Logs(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 history.append(dict(logs))
 
-    history = logs
     from lmflow_core import hookimpl
 
     plugin = type("P", (), {"trainer_callbacks": staticmethod(hookimpl(lambda: [Logs()]))})

@@ -429,13 +429,12 @@ def test_hook_compute_loss_replaces_the_loss_and_logs_its_metrics(tiny_llama, ch
         loss = out.logits.float().pow(2).mean()
         return loss, {"mean_logit_sq": loss.detach(), "constant": 2.0}
 
-    logs = []
+    logged = []
 
     class Logs(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            record.append(dict(logs or {}))
+            logged.append(dict(logs or {}))
 
-    record = logs
     plugin = types.SimpleNamespace(
         compute_loss=hookimpl(compute_loss), trainer_callbacks=hookimpl(lambda: [Logs()])
     )
@@ -458,14 +457,14 @@ def test_hook_compute_loss_replaces_the_loss_and_logs_its_metrics(tiny_llama, ch
     assert losses[-1] < losses[0] / 2  # the optimizer minimised the hook's loss
     assert sum(1 for training, _ in seen if training) == 4 * 2  # every micro-batch went through the hook
     assert any(not training for training, _ in seen)  # and the evaluation batches
-    train_logs = [h for h in logs if "loss" in h]
+    train_logs = [h for h in logged if "loss" in h]
     assert len(train_logs) == 4 and all(h["constant"] == 2.0 for h in train_logs)
     # the logged loss is the mean over the step's micro-batches (the core divided by the accumulation steps),
     # equal to the averaged metric
     assert [h["mean_logit_sq"] for h in train_logs] == pytest.approx(
         [h["loss"] for h in train_logs], rel=1e-3
     )
-    assert any("eval_mean_logit_sq" in h and "eval_constant" in h for h in logs)
+    assert any("eval_mean_logit_sq" in h and "eval_constant" in h for h in logged)
 
 
 def test_hook_on_step_runs_after_every_optimizer_step_with_the_loss(recorded_run):

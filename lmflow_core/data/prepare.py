@@ -177,13 +177,11 @@ def tokenize_dataset(
         batch["_trained"] = [sum(t != IGNORE_INDEX for t in x) for x in batch["labels"]]
         batch["_max_id"] = [max(x, default=-1) for x in ids]
         batch["_length"] = [len(x) for x in ids]
-        if paired:  # a pair is trained only when both answers keep a trained token
+        if paired:  # a pair's trained tokens are both answers'; it is kept only when each answer has one
             rejected = batch["rejected_input_ids"]
             batch["rejected_attention_mask"] = [[1] * len(x) for x in rejected]
-            batch["_trained"] = [
-                min(n, sum(t != IGNORE_INDEX for t in x))
-                for n, x in zip(batch["_trained"], batch["rejected_labels"])
-            ]
+            rejected_trained = [sum(t != IGNORE_INDEX for t in x) for x in batch["rejected_labels"]]
+            batch["_trained"] = [n + m if n and m else 0 for n, m in zip(batch["_trained"], rejected_trained)]
             batch["_max_id"] = [max(m, max(x, default=-1)) for m, x in zip(batch["_max_id"], rejected)]
             batch["_length"] = [n + len(x) for n, x in zip(batch["_length"], rejected)]
         return batch
@@ -218,11 +216,6 @@ def tokenize_dataset(
         desc="Cutting to block size",
     )
     trained = finished["_trained"]
-    if paired:  # the trained tokens of both answers (a pair is kept when each has one)
-        trained = [
-            n and sum(t != IGNORE_INDEX for t in c) + sum(t != IGNORE_INDEX for t in r)
-            for n, c, r in zip(trained, finished["labels"], finished["rejected_labels"])
-        ]
     stats = DataStats(
         type=raw.type,
         records=len(raw),
