@@ -34,6 +34,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "Conversation": ("templates", "Conversation"),
     "Message": ("templates", "Message"),
     "ToolCall": ("templates", "ToolCall"),
+    "IMAGE_MARKER": ("templates", "IMAGE_MARKER"),
+    "content_with_images": ("templates", "content_with_images"),
     "Segment": ("templates", "Segment"),
     "render_text": ("templates", "render_text"),
     "encode_segments": ("templates", "encode_segments"),
@@ -56,6 +58,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     # models and model directories
     "model_source": ("models", "model_source"),
     "demo_dataset": ("demo", "demo_dataset"),
+    "lmflow_home": ("demo", "lmflow_home"),
     "load_default_tokenizer": ("models", "load_default_tokenizer"),
     "load_model_config": ("models", "load_model_config"),
     "load_pretrained": ("loading", "load_pretrained"),
@@ -78,7 +81,7 @@ _LAZY: dict[str, tuple[str, str]] = {
 if TYPE_CHECKING:
     from .catalog import available_templates, get_template
     from .config import RunConfig
-    from .demo import demo_dataset
+    from .demo import demo_dataset, lmflow_home
     from .evaluation import evaluate_dataset
     from .files import (
         check_output_apart,
@@ -109,6 +112,7 @@ if TYPE_CHECKING:
     from .rundir import atomic_write
     from .stash import Stash, StashKey
     from .templates import (
+        IMAGE_MARKER,
         Conversation,
         Message,
         Segment,
@@ -116,6 +120,7 @@ if TYPE_CHECKING:
         TemplateError,
         ToolCall,
         TurnTemplate,
+        content_with_images,
         encode_segments,
         render_text,
         tojson,
@@ -144,6 +149,8 @@ __all__ = [
     "Conversation",
     "Message",
     "ToolCall",
+    "IMAGE_MARKER",
+    "content_with_images",
     "Segment",
     "render_text",
     "encode_segments",
@@ -166,6 +173,7 @@ __all__ = [
     # models and model directories
     "model_source",
     "demo_dataset",
+    "lmflow_home",
     "load_default_tokenizer",
     "load_model_config",
     "load_pretrained",

@@ -56,13 +56,26 @@ def data_collator(config: Any, tokenizer: Any) -> Any:
 
 
 @hookimpl(trylast=True)
-def decode(model: Any, tokenizer: Any, input_ids: Any, options: Any, streamer: Any) -> Any:
+def prompt_inputs(conversation: Any) -> dict[str, Any] | None:
+    if conversation.images:
+        from .errors import LmflowError
+
+        raise LmflowError(
+            f"the conversation holds {len(conversation.images)} image(s), and no selected plugin reads images",
+            "use a vision-language model with --plugins multimodal",
+        )
+    return None
+
+
+@hookimpl(trylast=True)
+def decode(model: Any, tokenizer: Any, input_ids: Any, options: Any, streamer: Any, inputs: Any) -> Any:
     import torch
 
     return model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         streamer=streamer,
+        **(inputs or {}),
         **options.generate_kwargs(tokenizer),
     )
 

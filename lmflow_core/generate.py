@@ -198,13 +198,16 @@ def generate_ids(
     options: GenerationOptions,
     streamer: Any = None,
     config: Any = None,
+    inputs: dict[str, Any] | None = None,
 ) -> Any:
-    """The new token ids after ``input_ids`` (shape ``(1, n)``), through the ``decode`` hook."""
+    """The new token ids after ``input_ids`` (shape ``(1, n)``), through the ``decode`` hook; ``inputs`` are
+    the prompt's other model inputs (``prompt_inputs``: pixel values...)."""
     import torch
 
     if options.seed is not None:
         torch.manual_seed(options.seed)
     input_ids = input_ids.to(model.device)
+    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in (inputs or {}).items()}
     with torch.no_grad():
         output = hook.decode(
             config=config,
@@ -213,6 +216,7 @@ def generate_ids(
             input_ids=input_ids,
             options=options,
             streamer=streamer,
+            inputs=inputs,
         )
     return output[0, input_ids.shape[1] :]
 
@@ -227,6 +231,7 @@ def generate_text(
     config: Any = None,
     add_special_tokens: bool = False,
     template: Template | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> Generation:
     """Generate after a prompt text, cutting at the stop strings.
 
@@ -238,7 +243,7 @@ def generate_text(
         ids = encode_prompt(tokenizer, prompt, template)
     else:
         ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-    return generate_from_ids(hook, model, tokenizer, ids, options, on_text, config)
+    return generate_from_ids(hook, model, tokenizer, ids, options, on_text, config, inputs=inputs)
 
 
 def generate_from_ids(
@@ -250,6 +255,7 @@ def generate_from_ids(
     on_text: Callable[[str], None] | None = None,
     config: Any = None,
     should_stop: Callable[[], bool] | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> Generation:
     """Generate after prompt token ids through the ``decode`` hook, cutting at the stop strings.
 
@@ -266,7 +272,7 @@ def generate_from_ids(
         else None
     )
     try:
-        new_ids = generate_ids(hook, model, tokenizer, input_ids, options, stream, config).tolist()
+        new_ids = generate_ids(hook, model, tokenizer, input_ids, options, stream, config, inputs).tolist()
     except GenerationStopped:
         return finished_generation(tokenizer, stream.ids, options, prompt_length, stopped_early=True)
     return finished_generation(tokenizer, new_ids, options, prompt_length)
@@ -326,6 +332,16 @@ def reply(
         on_text,
         config,
         template=template,
+        inputs=prompt_inputs(hook, model, tokenizer, conversation, config),
+    )
+
+
+def prompt_inputs(
+    hook: Any, model: Any, tokenizer: Any, conversation: Conversation, config: Any = None
+) -> dict[str, Any]:
+    """The prompt's model inputs beside its token ids (``prompt_inputs`` hook; empty for a text prompt)."""
+    return (
+        hook.prompt_inputs(config=config, model=model, tokenizer=tokenizer, conversation=conversation) or {}
     )
 
 

@@ -47,7 +47,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # (``hookimpl(wrapper=True)``) cannot run around them: it is refused when the plugin is registered. Every other
 # hook is called by pluggy (first result or all results) and supports wrappers.
 FOLD_HOOKS = frozenset({"prepare_model", "prepare_dataset", "wrap_optimizer"})
-PER_PLUGIN_HOOKS = frozenset({"declare_options", "declare_conflicts", "model_init_kwargs", "evaluate"})
+PER_PLUGIN_HOOKS = frozenset(
+    {"declare_options", "declare_conflicts", "demo_settings", "model_init_kwargs", "evaluate"}
+)
 
 
 @dataclass
@@ -136,6 +138,25 @@ def declare_conflicts() -> dict[str, str]:
     the reason; either plugin may declare the conflict.
 
     Combine: per plugin.
+    """
+
+
+@hookspec
+def demo_settings(given: dict[str, Any]) -> dict[str, Any] | None:
+    """Settings of this plugin's own demo, for ``lmflow run --plugins NAME`` with no model and no dataset.
+
+    When: when a run is configured without ``--model`` and ``--dataset``, on the selected plugins, before the
+    configuration is built. The result is the lowest-precedence layer, over the core's demo (the bundled
+    model and conversations): any flag the user gave still wins.
+
+    Args:
+        given: the settings the user gave (flags, config file, ``run()`` keywords), to leave alone.
+
+    Returns: run settings (``model``, ``dataset``, ``eval_dataset``, ``template``, schedule, plugin options by
+    plugin name), or ``None`` to keep the core's demo.
+
+    Combine: all; the dicts are merged in plugin order. Two plugins setting one setting differently is an
+    error naming both plugins.
     """
 
 
@@ -548,6 +569,34 @@ def prepare_inference(config: RunConfig, model: PreTrainedModel, tokenizer: PreT
 
 
 @hookspec(firstresult=True)
+def prompt_inputs(
+    config: RunConfig | None,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversation: Conversation,
+) -> dict[str, Any] | None:
+    """Model inputs of a prompt beside its token ids: the pixel values of the images in the conversation.
+
+    When: for every generation from a conversation (run samples, ``generate``, ``chat``, ``serve``, RAFT),
+    after the prompt is rendered through ``format_conversation``. The core default returns ``None`` for a
+    conversation without images and refuses one with images (a text model cannot read them).
+
+    Args:
+        config: the run's or the inference session's settings, or ``None``.
+        model: the loaded model.
+        tokenizer: its tokenizer.
+        conversation: the conversation prompted; ``conversation.images`` holds its images (paths, ``data:``
+            URLs or ``PIL.Image`` objects), one per :data:`lmflow_core.IMAGE_MARKER` in the messages.
+
+    Returns: keyword arguments for the model's ``generate``/``forward`` (tensors, e.g. ``pixel_values``),
+    which reach ``decode`` as ``inputs``; ``None`` to defer. Raise :class:`lmflow_core.LmflowError` for an
+    image that cannot be read.
+
+    Combine: first result.
+    """
+
+
+@hookspec(firstresult=True)
 def decode(
     config: RunConfig | None,
     model: PreTrainedModel,
@@ -555,6 +604,7 @@ def decode(
     input_ids: torch.Tensor,
     options: GenerationOptions,
     streamer: Any,
+    inputs: dict[str, Any],
 ) -> torch.Tensor | None:
     """Generate tokens after a prompt.
 
@@ -571,6 +621,8 @@ def decode(
         options: a :class:`lmflow_core.GenerationOptions`; a decoder may put figures worth reporting
             in ``options.stats``.
         streamer: a transformers streamer receiving tokens as they are produced, or ``None``.
+        inputs: other model inputs of the prompt from ``prompt_inputs`` (e.g. ``pixel_values``), on the
+            model's device; empty for a text prompt. A decoder that cannot use them returns ``None``.
 
     Returns: the full sequences (prompt followed by the new tokens), or ``None`` to defer.
 

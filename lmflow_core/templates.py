@@ -23,6 +23,11 @@ from typing import Any
 from .errors import LmflowError
 
 ROLES = ("system", "user", "assistant", "tool")
+#: Where an image stands in a message's text (the LLaVA convention). A message's ``images`` are its markers'
+#: images, in order; a multimodal plugin renders each as its model's image tokens.
+IMAGE_MARKER = "<image>"
+#: OpenAI content parts that carry an image (``{"type": "image", "path"|"url"|"image": ...}``, ``image_url``).
+IMAGE_PARTS = ("image", "image_url", "input_image")
 
 
 class TemplateError(LmflowError):
@@ -41,11 +46,16 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Message:
-    """One turn of a conversation. Assistant turns may call tools; ``tool`` turns carry a tool's result."""
+    """One turn of a conversation. Assistant turns may call tools; ``tool`` turns carry a tool's result.
+
+    ``images`` are the images of the message, one per :data:`IMAGE_MARKER` in ``content``, in order: a path, a
+    ``data:`` URL or a ``PIL.Image`` (what a multimodal plugin reads; text-only models refuse them).
+    """
 
     role: str
     content: str
     tool_calls: tuple[ToolCall, ...] = ()
+    images: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -70,6 +80,8 @@ class Conversation:
         """
         turns = [m if isinstance(m, Message) else _message(m) for m in messages]
         if turns and turns[0].role == "system" and system is None:
+            if turns[0].images:
+                raise TemplateError("the system message holds an image", "put images in user messages")
             system, turns = turns[0].content, turns[1:]
         if isinstance(tools, str):
             tools = json.loads(tools)
@@ -94,6 +106,11 @@ class Conversation:
         if not isinstance(data, list) or not all(isinstance(m, dict) and "role" in m for m in data):
             raise LmflowError(f'{path} must hold a JSON list of {{"role", "content"}} objects')
         return cls.from_messages(data, system, tools)
+
+    @property
+    def images(self) -> list[Any]:
+        """Every image of the conversation, in the order of the messages."""
+        return [image for m in self.messages for image in m.images]
 
     def to_dicts(self) -> list[dict[str, Any]]:
         """OpenAI-style message dicts, the system prompt first (what Jinja chat templates take)."""
@@ -125,7 +142,43 @@ def _message(item: dict[str, Any]) -> Message:
             except ValueError:
                 pass  # arguments that are not JSON are kept as text
         parsed.append(ToolCall(function["name"], arguments))
-    return Message(item["role"], item.get("content") or "", tuple(parsed))
+    content, images = item.get("content") or "", list(item.get("images") or ())
+    if isinstance(content, list):
+        content, images = content_with_images(content, images)
+    if images and content.count(IMAGE_MARKER) != len(images):
+        raise TemplateError(
+            f"a {item['role']} message has {content.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) and "
+            f"{len(images)} image(s)",
+            f"put one {IMAGE_MARKER} where each image goes",
+        )
+    return Message(item["role"], content, tuple(parsed), tuple(images))
+
+
+def content_with_images(parts: Sequence[Any], images: Sequence[Any] = ()) -> tuple[str, list[Any]]:
+    """OpenAI content parts as text with an :data:`IMAGE_MARKER` per image part, and the images in order.
+
+    Text parts are joined as the models' own chat templates join them (no separator). An image part gives
+    its ``path``, ``url``, ``image`` or ``image_url`` (``{"url": ...}`` or a string) as the image.
+    """
+    texts, found = [], list(images)
+    for n, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in IMAGE_PARTS:
+            source = next((part[k] for k in ("path", "url", "image", "image_url") if part.get(k)), None)
+            if isinstance(source, dict):
+                source = source.get("url")
+            if source is None:
+                raise TemplateError(f'content part {n} is an image without "path", "url" or "image_url"')
+            texts.append(IMAGE_MARKER)
+            found.append(source)
+        else:
+            raise TemplateError(
+                f"content part {n} is {kind!r}; parts are text or images",
+                'send {"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}',
+            )
+    return "".join(texts), found
 
 
 @dataclass(frozen=True)
@@ -166,6 +219,11 @@ class Template:
         if not conversation.messages:
             raise TemplateError(
                 "the conversation has no messages", "add at least a user and an assistant message"
+            )
+        if conversation.images:
+            raise TemplateError(
+                f"the conversation holds images, which template '{self.name}' renders as text only",
+                "use a vision-language model with --plugins multimodal",
             )
         uses_tools = conversation.tools or any(
             m.role == "tool" or m.tool_calls for m in conversation.messages

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, build_config, core_fields, load_config_file, resolve_plugin_options
-from .errors import ConfigError
+from .errors import ConfigError, PluginError
 from .evaluation import evaluate_hooks
 from .hookspecs import StepContext
 from .loading import model_config_for, tokenizer_for, weights_for
 from .models import block_size_for, stored_run
 from .options import parse_plugin_names
-from .plugins import RunPlugins, discover_plugins, fold, select_plugins
+from .plugins import RunPlugins, call_each, discover_plugins, fold, select_plugins
 from .report import Reporter, format_duration, quiet_libraries
 from .rundir import (
     OutputPlan,
@@ -108,10 +108,11 @@ def configure(
         layers.append(load_config_file(config))
     layers.append(settings)
     given = {k: v for layer in layers for k, v in layer.items()}
-    if given.get("model") is None and given.get("dataset") is None:
-        layers.insert(0, demo_settings(parse_plugin_names(given.get("plugins")), given))
-    run_config, problems = build_config(*layers, plugin_names=discover_plugins)
     extra = list(extra_plugins.items()) if isinstance(extra_plugins, dict) else list(extra_plugins)
+    if given.get("model") is None and given.get("dataset") is None:
+        names = parse_plugin_names(given.get("plugins"))
+        layers.insert(0, {**demo_settings(names, given), **plugin_demo_settings(names, extra, given)})
+    run_config, problems = build_config(*layers, plugin_names=discover_plugins)
     run_plugins = select_plugins(run_config.plugins, extra)
     run_config.plugins = list(run_plugins.names)
     problems += resolve_plugin_options(run_config, run_plugins.options)
@@ -120,6 +121,23 @@ def configure(
     config_files = [config_file, config if isinstance(config, (str, os.PathLike)) else None]
     check_inputs_outside(Path(run_config.output_dir), [("--config", str(f)) for f in config_files if f])
     return run_config, run_plugins
+
+
+def plugin_demo_settings(
+    names: list[str], extra: list[tuple[str, Any]], given: dict[str, Any]
+) -> dict[str, Any]:
+    """The selected plugins' ``demo_settings`` merged; one setting set differently by two is an error."""
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for plugin, settings in call_each(select_plugins(names, extra).hook.demo_settings, given=dict(given)):
+        for key, value in (settings or {}).items():
+            if key in merged and merged[key] != value:
+                raise PluginError(
+                    f"plugins '{owner[key]}' and '{plugin}' set the demo's {key} differently",
+                    "give --model and --dataset, or run the demo of one of them",
+                )
+            merged[key], owner[key] = value, plugin
+    return merged
 
 
 # --------------------------------------------------------------------------------------------------------------

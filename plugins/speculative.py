@@ -109,8 +109,9 @@ def decode(
     input_ids: Any,
     options: GenerationOptions,
     streamer: Any,
+    inputs: dict[str, Any],
 ) -> Any:
-    if config is None:
+    if config is None or inputs:  # a prompt with images: the draft model cannot read them
         return None
     draft = draft_for(config, model, tokenizer)
     return speculative_generate(

@@ -5,6 +5,7 @@ The last tests fail when a hook is added without a test here or without a sectio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import types
@@ -695,3 +696,59 @@ def test_hook_prepare_inference_runs_once_when_a_session_opens(tiny_llama):
     broken = types.SimpleNamespace(prepare_inference=hookimpl(refuse))
     with pytest.raises(LmflowError, match="the draft is missing"):
         open_session(str(tiny_llama), extra_plugins={"broken": broken})
+
+
+def test_hook_prompt_inputs_reach_decode_and_the_core_refuses_images_without_a_plugin(chat_model):
+    from lmflow_core import IMAGE_MARKER, open_session
+
+    seen: dict = {}
+
+    def format_conversation(template, conversation, add_generation_prompt, tokenizer):
+        seen["images"] = list(conversation.images)
+        plain = [
+            dataclasses.replace(m, content=m.content.replace(IMAGE_MARKER, "[picture]"), images=())
+            for m in conversation.messages
+        ]
+        flat = dataclasses.replace(conversation, messages=plain)
+        return template.render(flat, add_generation_prompt, tokenizer)
+
+    def prompt_inputs(conversation):
+        return {"pixel_values": torch.full((1, 2), float(len(conversation.images)))}
+
+    def decode(input_ids, inputs):
+        seen["inputs"] = inputs
+        return torch.cat([input_ids, input_ids[:, -1:]], dim=1)
+
+    plugin = types.SimpleNamespace(
+        format_conversation=hookimpl(format_conversation),
+        prompt_inputs=hookimpl(prompt_inputs),
+        decode=hookimpl(decode),
+    )
+    session = open_session(str(chat_model), template="chatml", extra_plugins={"vision": plugin})
+    parts = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": "?"},
+    ]
+    session.chat([{"role": "user", "content": parts}])
+    assert seen["images"] == ["data:image/png;base64,AAAA"]
+    assert seen["inputs"]["pixel_values"].tolist() == [[1.0, 1.0]]
+    session.chat([{"role": "user", "content": "no picture"}])
+    assert seen["inputs"]["pixel_values"].tolist() == [[0.0, 0.0]]
+
+    plain_session = open_session(str(chat_model), template="chatml")
+    with pytest.raises(LmflowError, match="--plugins multimodal"):
+        plain_session.chat([{"role": "user", "content": parts}])
+
+
+def test_hook_demo_settings_are_the_lowest_layer_and_conflicts_name_both_plugins():
+    from lmflow_core.errors import PluginError
+    from lmflow_core.train import configure
+
+    mine = types.SimpleNamespace(demo_settings=hookimpl(lambda given: {"epochs": 2, "learning_rate": 0.5}))
+    config, _ = configure(extra_plugins={"mine": mine})
+    assert (config.epochs, config.learning_rate, config.template) == (2, 0.5, "chatml")
+    config, _ = configure(extra_plugins={"mine": mine}, learning_rate=0.25)
+    assert (config.epochs, config.learning_rate) == (2, 0.25)  # the user's setting wins
+    other = types.SimpleNamespace(demo_settings=hookimpl(lambda: {"epochs": 3}))
+    with pytest.raises(PluginError, match="plugins 'mine' and 'other' set the demo's epochs differently"):
+        configure(extra_plugins={"mine": mine, "other": other})

@@ -105,7 +105,7 @@ def test_hooks_run_in_the_order_plugins_are_named_with_core_last():
     run_plugins = select_plugins([], extra=[("picker", picker), ("other", other)])
     assert (
         run_plugins.hook.decode(
-            config=None, model=None, tokenizer=None, input_ids=None, options=None, streamer=None
+            config=None, model=None, tokenizer=None, input_ids=None, options=None, streamer=None, inputs={}
         )
         == "from picker"
     )

@@ -676,7 +676,8 @@ def _text_of_parts(parts: list[Any], where: str) -> str:
         else:
             raise DataError(
                 f"{where}: content part {n} is {kind!r}, which a text model cannot be trained on",
-                "remove the part (only text parts are read), or use a multimodal model and plugin",
+                "remove the part (only text parts are read), or train a vision-language model with "
+                "--plugins multimodal",
             )
     return "".join(texts)
 

@@ -35,7 +35,7 @@ from ..errors import DataError
 from ..templates import Conversation, Segment, Template, encode_segments, render_text
 from .formats import PAIRED_TYPES, RawDataset
 
-CACHE_FORMAT = "lmflow-data-v4"  # bump when tokenization changes, so old caches are not reused
+CACHE_FORMAT = "lmflow-data-v5"  # bump when tokenization changes, so old caches are not reused
 IGNORE_INDEX = -100
 TEXT_FIELDS = ("text", "input", "output", "system", "messages", "tools", "prompt", "chosen", "rejected")
 #: The columns of the rejected answer of a preference pair (the chosen one is in input_ids/labels).
@@ -171,7 +171,9 @@ def tokenize_dataset(
             batch = dict(batch)
             for key in ("input_ids", "labels") + (REJECTED_COLUMNS[:2] if paired else ()):
                 batch[key] = [x[:block_size] for x in batch[key]]
-        batch.pop("_full_length", None)  # counted before the cut; not a column of the examples
+        full = batch.pop("_full_length", None)  # counted before the cut
+        if keep_full_length:  # a plugin's columns may need to know what the cut removed (image tokens...)
+            batch["full_length"] = full
         ids = batch["input_ids"]
         batch["attention_mask"] = [[1] * len(x) for x in ids]
         batch["_trained"] = [sum(t != IGNORE_INDEX for t in x) for x in batch["labels"]]
@@ -190,6 +192,8 @@ def tokenize_dataset(
     source = datasets.Dataset.from_list(raw.records)
     # Columns a plugin's normalize_record added (e.g. image paths) travel with their examples.
     text_columns = [c for c in source.column_names if c in TEXT_FIELDS]
+    # With such columns each example also keeps ``full_length``, its token count before the cut.
+    keep_full_length = truncate and not grouping and len(text_columns) < len(source.column_names)
     processes = tokenization_workers(workers, len(source))
     encoded = source.map(
         encode,
