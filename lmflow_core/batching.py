@@ -10,7 +10,9 @@ Requests are :class:`Job` objects handed to an :class:`Engine`, whose one worker
   outputs. Sampling settings (temperature, top-k, top-p, repetition penalty, seed) are per request; a seeded
   request draws from its own generator, so its output does not depend on the other requests in the batch.
 * **One at a time** (``max_batch_size=1``, or a plugin decodes, e.g. ``speculative``): each request goes
-  through the ``decode`` hook as ``lmflow generate`` does.
+  through the ``decode`` hook as ``lmflow generate`` does. So does a request with model inputs beside its token
+  ids (the pixel values of its images): the batch's decoding steps feed token ids only, so it is generated
+  alone, and the running batch resumes after it.
 
 Either way, a job stops within one decoding step of being cancelled (a client that went away) or of reaching
 its deadline (the per-request time limit; the text so far is returned with finish reason ``"length"``).
@@ -35,13 +37,18 @@ class Busy(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One generation request. Read ``result`` (or ``error``) once ``done`` is set."""
+    """One generation request. Read ``result`` (or ``error``) once ``done`` is set.
+
+    ``inputs`` are the prompt's model inputs beside its ids (``prompt_inputs``: pixel values...); a job with
+    inputs is generated alone (the batch's decoding steps feed token ids only).
+    """
 
     prompt_ids: list[int]
     options: GenerationOptions
     on_text: Callable[[str], None] | None = None
     on_done: Callable[[], None] | None = None
     deadline: float | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     result: Generation | None = None
@@ -94,8 +101,12 @@ class Engine:
         on_text: Callable[[str], None] | None = None,
         on_done: Callable[[], None] | None = None,
         timeout: float | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> Job:
-        """Queue a generation; raises :class:`Busy` when ``max_waiting`` jobs are already waiting."""
+        """Queue a generation; raises :class:`Busy` when ``max_waiting`` jobs are already waiting.
+
+        ``inputs`` (pixel values...) make the job run alone, through the ``decode`` hook, while the batch waits.
+        """
         with self.lock:
             if self.closed:
                 raise Busy("the server is shutting down")
@@ -107,6 +118,7 @@ class Engine:
                 on_text,
                 on_done,
                 deadline=time.monotonic() + timeout if timeout else None,
+                inputs=dict(inputs or {}),
             )
             self.waiting.put(job)
         return job
@@ -150,7 +162,7 @@ class Engine:
             if job is None:
                 return False
             self.running += 1
-            if batch is None:
+            if batch is None or job.inputs:
                 self._run_alone(job)
                 self.running -= 1
                 return True
@@ -165,7 +177,10 @@ class Engine:
                 batch.fail(Cancelled())
                 return False
             self.running += 1
-            batch.join(job)
+            if job.inputs:  # the running rows wait one generation: the batch has no place for pixel values
+                self._run_alone(job)
+            else:
+                batch.join(job)
             self.running = len(batch.rows)
         if self._cancel_running:
             batch.cancel_all()
@@ -189,6 +204,7 @@ class Engine:
                 job.on_text,
                 session.config,
                 should_stop=lambda: job.should_stop() or self._cancel_running,
+                inputs=job.inputs,
             )
         except Exception as exc:  # handed to the waiting request
             job.finish(error=exc)

@@ -138,27 +138,51 @@ def report_stats(stats: dict[str, Any]) -> None:
 @click.command("generate", cls=PluginCommand)
 @session_options
 @decoding_options
-@click.option("--prompt", help="Text to continue as it is (no template).")
+@click.option("--prompt", help="Text to continue as it is (no template); with --image, a user message.")
 @click.option(
     "--messages",
     "messages_file",
     type=click.Path(dir_okay=False),
     help="JSON list of {role, content}: answer as the assistant.",
 )
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    metavar="PATH",
+    help="An image for the (last) user message (repeatable); needs a plugin that reads images "
+    "(--plugins multimodal).",
+)
 @click.option("--no-stream", is_flag=True, help="Print the completion at the end instead of token by token.")
 def generate_command(**values: Any) -> None:
     """Generate a completion with MODEL and print it.
 
     With --prompt the text is continued as it is; with --messages the conversation is rendered with the
-    model's template and the assistant's next message is generated.
+    model's template and the assistant's next message is generated. --image attaches an image to the user
+    message (--prompt then becomes a user message, rendered with the template).
     """
     if bool(values["prompt"] is not None) == bool(values["messages_file"]):
         raise LmflowError("pass exactly one of --prompt and --messages")
-    from .templates import Conversation
+    from .templates import Conversation, Message
 
-    messages = Conversation.from_file(values["messages_file"]) if values["messages_file"] else None
+    images = [checked_image_path(path) for path in values["images"]]
+    if values["messages_file"]:
+        messages = conversation_from_file(values["messages_file"])
+        if images:
+            messages = with_images(messages, images)
+    elif images:
+        messages = Conversation([Message("user", marked(values["prompt"], len(images)), (), tuple(images))])
+    else:
+        messages = None
     options = generation_options(values)
     session = open_from_flags(values)
+    if messages is not None and messages.images:
+        check_reads_images(session)
+        if session.template is None:
+            raise LmflowError(
+                f"model {values['model']} has no conversation template, and images go in a user message",
+                "pass --template NAME (see `lmflow templates list`)",
+            )
     stream = None if values["no_stream"] else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     if messages is not None:
         result = session.chat(messages, options, on_text=stream)
@@ -170,11 +194,104 @@ def generate_command(**values: Any) -> None:
     report_stats(result.stats)
 
 
+# ---- images ----------------------------------------------------------------------------------------------------
+
+READS_NO_IMAGES = "use a vision-language model with --plugins multimodal"
+
+
+def checked_image_path(path: str | Path, base: Path | None = None) -> str:
+    """The absolute path of an image file (relative to ``base`` if given), once it is checked to be a regular
+    file holding an image PIL can read within lmflow's size and pixel limits; raises a one-line LmflowError."""
+    from .inputs import read_image_file
+
+    full = Path(path).expanduser()
+    if base is not None and not full.is_absolute():
+        full = base / full
+    read_image_file(full)
+    return str(full.absolute())
+
+
+def checked_image(image: Any, base: Path, where: str) -> Any:
+    """An image of a messages file: a path (relative to the file), or a ``data:`` URL; both checked."""
+    from .inputs import image_from_data_url
+
+    if not isinstance(image, str):
+        raise LmflowError(f"{where}: an image is {type(image).__name__}", "give the path of an image file")
+    scheme = image.split(":", 1)[0].lower() if ":" in image else ""
+    if scheme == "data":
+        image_from_data_url(image, where)
+        return image
+    if scheme in ("http", "https"):
+        raise LmflowError(
+            f"{where}: lmflow does not fetch images from the web ({image[:80]})",
+            "download the image and give its path",
+        )
+    if scheme == "file":
+        from urllib.parse import unquote, urlparse
+
+        image = unquote(urlparse(image).path)
+    return checked_image_path(image, base)
+
+
+def conversation_from_file(path: str) -> Any:
+    """The conversation of a ``--messages`` file, its images' paths made relative to the file and checked."""
+    import dataclasses
+
+    from .templates import Conversation
+
+    conversation = Conversation.from_file(path)
+    if not conversation.images:
+        return conversation
+    base = Path(path).expanduser().absolute().parent
+    messages = [
+        dataclasses.replace(
+            m, images=tuple(checked_image(image, base, f"{path}, message {i}") for image in m.images)
+        )
+        if m.images
+        else m
+        for i, m in enumerate(conversation.messages)
+    ]
+    return dataclasses.replace(conversation, messages=messages)
+
+
+def marked(text: str, count: int) -> str:
+    """``text`` after one image marker per image (the LLaVA convention: ``"<image>\\n" * count + text``)."""
+    from .templates import IMAGE_MARKER
+
+    return f"{IMAGE_MARKER}\n" * count + text
+
+
+def with_images(conversation: Any, images: list[str]) -> Any:
+    """``conversation`` with ``images`` attached to its last user message, before its text."""
+    import dataclasses
+
+    users = [i for i, m in enumerate(conversation.messages) if m.role == "user"]
+    if not users:
+        raise LmflowError("--image needs a user message in --messages", "add a user message to the file")
+    messages = list(conversation.messages)
+    last = messages[users[-1]]
+    messages[users[-1]] = dataclasses.replace(
+        last, content=marked(last.content, len(images)), images=(*images, *last.images)
+    )
+    return dataclasses.replace(conversation, messages=messages)
+
+
+def check_reads_images(session: Any) -> None:
+    """Refuse images for a session that has no plugin reading them, in one line naming the fix."""
+    if not session.reads_images:
+        raise LmflowError(
+            f"model {session.name} is loaded without a plugin that reads images", READS_NO_IMAGES
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # lmflow chat
 # --------------------------------------------------------------------------------------------------------------
 
 CHAT_HELP = "Commands: /reset clears the conversation (the system prompt stays), /system TEXT sets the system prompt, /exit quits."
+IMAGE_HELP = (
+    "/image PATH attaches an image to your next message (/image lists them, /image clear drops them)."
+)
 
 
 @click.command("chat", cls=PluginCommand)
@@ -185,7 +302,8 @@ def chat_command(**values: Any) -> None:
     """Chat with MODEL in the terminal, in the format it was trained with.
 
     Replies stream as they are generated. Type /reset to clear the conversation (the system prompt stays),
-    /system TEXT to set the system prompt (/system alone clears it), /exit (or end the input) to quit. Reads
+    /system TEXT to set the system prompt (/system alone clears it), /exit (or end the input) to quit. With a
+    plugin that reads images (--plugins multimodal), /image PATH attaches an image to the next message. Reads
     from a pipe as well: one user message per line.
     """
     from .templates import Conversation, Message
@@ -197,10 +315,11 @@ def chat_command(**values: Any) -> None:
             f"model {values['model']} has no conversation template",
             "pass --template NAME (see `lmflow templates list`)",
         )
+    help_text = f"{CHAT_HELP} {IMAGE_HELP}" if session.reads_images else CHAT_HELP
     interactive = sys.stdin.isatty()
     if interactive:
-        click.echo(f"lmflow chat | {session.name} | template {session.template_name}. {CHAT_HELP}")
-    system, history = values["system_prompt"], []
+        click.echo(f"lmflow chat | {session.name} | template {session.template_name}. {help_text}")
+    system, history, pending = values["system_prompt"], [], []
     while True:
         if interactive:
             click.echo("you> ", nl=False)
@@ -212,30 +331,64 @@ def chat_command(**values: Any) -> None:
         if command == "/exit":
             break
         if command == "/reset":
-            history = []
+            history, pending = [], []
             click.echo("(conversation cleared)")
             continue
         if command == "/system":
             system = argument.strip() or None
             click.echo(f"(system prompt {'set' if system else 'cleared'})")
             continue
+        if command == "/image":
+            click.echo(f"({image_command(session, argument.strip(), pending)})")
+            continue
         if command.startswith("/") and not command.startswith("//"):
-            click.echo(f"(unknown command {command}. {CHAT_HELP})")
+            click.echo(f"(unknown command {command}. {help_text})")
             continue
         if not text.strip():
             continue
-        history.append(Message("user", text))
+        message = Message("user", marked(text, len(pending)), (), tuple(pending))
         if interactive:
             click.echo("model> ", nl=False)
-        result = session.chat(
-            Conversation(list(history), system),
-            options,
-            on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
-        )
+        try:
+            result = session.chat(
+                Conversation([*history, message], system),
+                options,
+                on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+            )
+        except LmflowError as exc:
+            if not message.images:
+                raise
+            # An image that went bad since /image: the message is dropped, the chat goes on.
+            click.echo(f"(error: {exc.one_line()}; the message and its images were not sent)")
+            pending = []
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
-        history.append(Message("assistant", result.text))
+        history += [message, Message("assistant", result.text)]
+        pending = []
         report_stats(result.stats)
+
+
+def image_command(session: Any, argument: str, pending: list[str]) -> str:
+    """What ``/image ARGUMENT`` does to the ``pending`` images of the next message, as a line to show."""
+    if not session.reads_images:
+        return f"this model reads no images: {READS_NO_IMAGES}"
+    if argument == "clear":
+        dropped = len(pending)
+        pending.clear()
+        return f"{dropped} pending image(s) dropped"
+    if not argument:
+        if not pending:
+            return "no image pending; /image PATH attaches one to your next message"
+        return "pending for your next message: " + ", ".join(pending)
+    if len(argument) > 1 and argument[0] == argument[-1] and argument[0] in "'\"":
+        argument = argument[1:-1]  # a path pasted in quotes
+    try:
+        path = checked_image_path(argument)
+    except LmflowError as exc:
+        return f"error: {exc.one_line()}"
+    pending.append(path)
+    return f"image {path} attached to your next message ({len(pending)} pending)"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -353,9 +506,7 @@ def evaluate_command(**values: Any) -> None:
 @click.option(
     "--max-request-bytes",
     type=click.IntRange(min=1024),
-    default=1024 * 1024,
-    show_default=True,
-    help="Largest request body; larger ones get a 413.",
+    help="Largest request body; larger ones get a 413 [default: 1 MiB; 32 MiB when a plugin reads images].",
 )
 @click.option(
     "--request-timeout",
@@ -386,27 +537,44 @@ def evaluate_command(**values: Any) -> None:
     help="On SIGTERM, seconds to let the requests in flight finish.",
 )
 @click.option("--no-ui", is_flag=True, help="Serve the API only, without the chat page.")
+@click.option(
+    "--allow-local-images",
+    type=click.Path(exists=True, file_okay=False),
+    metavar="DIR",
+    help="Let requests name image files under DIR (a path or file:// URL in an image part); without it, "
+    "images come as base64 data: URLs only.",
+)
 def serve_command(**values: Any) -> None:
     """Serve MODEL: a chat page at / and an OpenAI-compatible API at /v1.
 
     POST /v1/chat/completions (with "stream": true as server-sent events), GET /v1/models, GET /health.
     Concurrent requests are decoded together. SIGTERM finishes the requests in flight, then exits.
     """
-    from .serve import ServeSettings, check_port, run_server
+    from .serve import IMAGE_REQUEST_BYTES, ServeSettings, check_port, run_server
 
     check_port(values["host"], values["port"])
     session = open_from_flags(values)
+    if values["allow_local_images"] and not session.reads_images:
+        raise LmflowError(
+            f"--allow-local-images is given, and model {session.name} is loaded without a plugin that reads "
+            "images",
+            READS_NO_IMAGES,
+        )
+    request_bytes = values["max_request_bytes"] or (
+        IMAGE_REQUEST_BYTES if session.reads_images else 1024 * 1024
+    )
     settings = ServeSettings(
         host=values["host"],
         port=values["port"],
         api_key=values["api_key"],
         max_new_tokens=values["max_new_tokens"],
-        max_request_bytes=values["max_request_bytes"],
+        max_request_bytes=request_bytes,
         request_timeout=values["request_timeout"],
         max_batch_size=values["max_batch_size"],
         max_waiting=values["max_waiting"],
         shutdown_timeout=values["shutdown_timeout"],
         ui=not values["no_ui"],
+        allow_local_images=values["allow_local_images"],
     )
     run_server(session, settings)
 

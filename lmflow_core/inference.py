@@ -45,6 +45,15 @@ class InferenceSession:
         """The model's name as the API reports it."""
         return Path(self.config.model).name if Path(self.config.model).exists() else str(self.config.model)
 
+    @property
+    def reads_images(self) -> bool:
+        """Whether a selected plugin reads images (implements ``prompt_inputs``, e.g. ``multimodal``); the core
+        alone refuses conversations with images."""
+        return any(
+            not impl.function.__module__.startswith("lmflow_core.")
+            for impl in self.plugins.hook.prompt_inputs.get_hookimpls()
+        )
+
     def chat(
         self,
         messages: Sequence[dict[str, Any]] | Conversation,

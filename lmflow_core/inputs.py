@@ -186,3 +186,97 @@ def _gzip_too_large(path: Path, what: str, size: int, bound: int, limit: int, er
         f"{format_bytes(size)}, or {format_bytes(GZIP_FLOOR)}), so it is refused as a possible gzip bomb",
         "if the data is real, decompress it yourself (gunzip) and pass the uncompressed file",
     )
+
+
+# ---- images -------------------------------------------------------------------------------------------------
+
+#: The largest image file (or decoded ``data:`` URL) lmflow reads: a large camera photo is under 20 MB.
+IMAGE_FILE_LIMIT = 20 * 2**20
+#: The most pixels one image may have once decoded. A small file can decode to a huge picture (a decompression
+#: bomb: a few KB of PNG can claim 100000 x 100000 pixels), so the size in the header is checked before the
+#: pixels are decoded. 50 megapixels is more than any camera photo; vision models resize far below this.
+IMAGE_PIXEL_LIMIT = 50_000_000
+
+
+def open_image_bytes(data: bytes, name: str, error: type = LmflowError) -> object:
+    """The ``PIL.Image`` that ``data`` holds, fully decoded, refusing what is not an image PIL can read and
+    pictures of more than :data:`IMAGE_PIXEL_LIMIT` pixels (checked from the header, before decoding).
+
+    Args:
+        name: how messages name the image (``"image photo.png"``, ``"messages.0.content.1"``...).
+    """
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > IMAGE_FILE_LIMIT:
+        raise error(
+            f"{name} is {format_bytes(len(data))}, more than the {format_bytes(IMAGE_FILE_LIMIT)} lmflow reads "
+            "from one image",
+            "send a smaller image (resize it or save it as JPEG)",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > IMAGE_PIXEL_LIMIT:
+                raise error(
+                    f"{name} is {width} x {height} pixels, more than the {IMAGE_PIXEL_LIMIT // 1_000_000} "
+                    "megapixels lmflow decodes",
+                    "resize the image (vision models read far fewer pixels)",
+                )
+            image.load()
+    except LmflowError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        what = "a picture too large to decode" if "bomb" in type(exc).__name__.lower() else "not an image"
+        raise error(
+            f"{name} is {what} that PIL can read", "send a PNG, JPEG, GIF, WebP or BMP image"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt image data
+        raise error(
+            f"{name} is a broken image ({exc})", "send the image again, or save it anew as PNG or JPEG"
+        ) from None
+    return image
+
+
+def read_image_file(path: str | os.PathLike, error: type = LmflowError) -> object:
+    """The image in the regular file at ``path``, decoded (see :func:`open_image_bytes`); every refusal is
+    one line naming the file and the fix."""
+    data = read_input_file(path, "image", "pass the path of an image file", error, limit=IMAGE_FILE_LIMIT)
+    return open_image_bytes(data, f"image {Path(path).expanduser()}", error)
+
+
+def image_from_data_url(url: str, name: str, error: type = LmflowError) -> object:
+    """The image of a base64 ``data:`` URL (``data:image/png;base64,...``), decoded and checked as
+    :func:`open_image_bytes` checks it; the base64 is measured before it is decoded."""
+    import base64
+    import binascii
+
+    head, comma, payload = url.partition(",")
+    if not comma or not head[:5].lower() == "data:":
+        raise error(f"{name} is not a data: URL", 'send "data:image/png;base64,<base64 of the file>"')
+    if not head.lower().endswith(";base64"):
+        raise error(
+            f"{name} is a data: URL without base64 ({head[:60]})",
+            'send "data:image/png;base64,<base64 of the file>"',
+        )
+    media = head[5:-7].split(";")[0].strip().lower()
+    if media and not media.startswith("image/"):
+        raise error(f"{name} is a data: URL of {media[:60]}, not an image", "send an image (image/png...)")
+    compact = "".join(payload.split())  # some encoders wrap lines
+    if len(compact) // 4 * 3 > IMAGE_FILE_LIMIT + 3:
+        raise error(
+            f"{name} is about {format_bytes(len(compact) // 4 * 3)}, more than the "
+            f"{format_bytes(IMAGE_FILE_LIMIT)} lmflow reads from one image",
+            "send a smaller image (resize it or save it as JPEG)",
+        )
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise error(
+            f"{name} holds broken base64 ({exc})", "encode the image file with standard base64 (RFC 4648)"
+        ) from None
+    return open_image_bytes(data, name, error)

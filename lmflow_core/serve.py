@@ -29,9 +29,11 @@ from typing import Any, Literal
 
 from .batching import Busy, Cancelled, Engine, TimedOut
 from .errors import LmflowError
-from .generate import GenerationOptions, reply_options, reply_prompt_ids
+from .generate import GenerationOptions, prompt_inputs, reply_options, reply_prompt_ids
 from .http_guard import Guard, error_body
+from .inputs import IMAGE_PIXEL_LIMIT
 from .report import note
+from .templates import IMAGE_MARKER, IMAGE_PARTS
 
 try:  # pydantic models are built at import time; this module is imported by `lmflow serve` only
     import uvicorn
@@ -58,6 +60,8 @@ class ServeSettings:
         max_waiting: most requests waiting for a place in the batch (429 beyond).
         shutdown_timeout: seconds SIGTERM waits for the requests in flight before cancelling them.
         ui: serve the chat page at ``/``.
+        allow_local_images: a directory whose image files requests may name (a path or ``file://`` URL in an
+            image part); ``None``: requests send images as ``data:`` URLs only.
     """
 
     host: str = "127.0.0.1"
@@ -70,14 +74,28 @@ class ServeSettings:
     max_waiting: int = 256
     shutdown_timeout: float = 30.0
     ui: bool = True
+    allow_local_images: str | None = None
 
 
 class ContentPart(BaseModel):
-    """A part of a message's content in OpenAI's list form; text parts are read, others ignored."""
+    """A part of a message's content in OpenAI's list form: text and image parts are read, others ignored.
+
+    An image part is ``{"type": "image_url", "image_url": {"url": ...}}`` (OpenAI's), or ``{"type": "image",
+    "url"|"image"|"path": ...}``; the URL is a base64 ``data:`` URL, or a local path with ``allow_local_images``.
+    """
 
     model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = None
+    image_url: dict[str, Any] | str | None = None
+    url: str | None = None
+    image: str | None = None
+    path: str | None = None
+
+    def image_source(self) -> Any:
+        """Where an image part's image is: the first of ``path``, ``url``, ``image``, ``image_url``."""
+        source = self.path or self.url or self.image or self.image_url
+        return source.get("url") if isinstance(source, dict) else source
 
 
 class ChatMessage(BaseModel):
@@ -92,6 +110,9 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):
             return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
+
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(part.type in IMAGE_PARTS for part in self.content)
 
 
 class ChatRequest(BaseModel):
@@ -190,6 +211,13 @@ def request_options(request: ChatRequest, max_new_tokens: int) -> GenerationOpti
     )
 
 
+#: The most pixels the images of one request may hold together (each image: ``IMAGE_PIXEL_LIMIT``).
+REQUEST_PIXEL_LIMIT = 2 * IMAGE_PIXEL_LIMIT
+#: The request body limit when the model reads images and ``--max-request-bytes`` is not given: room for a
+#: few photos as base64 ``data:`` URLs (text-only servers keep 1 MiB).
+IMAGE_REQUEST_BYTES = 32 * 2**20
+
+
 class Server:
     """What the routes and the page share: the session, the engine, the settings."""
 
@@ -197,23 +225,127 @@ class Server:
         self.session = session
         self.settings = settings
         self.engine = Engine(session, settings.max_batch_size, settings.max_waiting)
+        root = settings.allow_local_images
+        self.image_root = os.path.realpath(root) if root else None
 
-    def prepare(self, messages: list[dict[str, Any]], tools: Any, system: str | None = None) -> Any:
-        """The prompt ids of a conversation; raises :class:`RequestError` (400) for what the template refuses."""
+    def request_messages(self, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+        """The messages of a request as conversation dicts, image parts read (:meth:`read_image`) and put in
+        the text as image markers; raises :class:`RequestError` (400) for an image the server will not read."""
+        images_seen = any(m.has_images() for m in messages)
+        if images_seen and not self.session.reads_images:
+            raise RequestError(
+                400,
+                f"messages: the request holds images, and the model {self.session.name} is served without a "
+                "plugin that reads images; send text only, or serve a vision-language model with --plugins "
+                "multimodal",
+                param="messages",
+            )
+        out, pixels = [], 0
+        for i, message in enumerate(messages):
+            item: dict[str, Any] = {"role": message.role, "content": message.text()}
+            if message.tool_calls:
+                item["tool_calls"] = message.tool_calls
+            if message.has_images():
+                texts, images = [], []
+                for j, part in enumerate(message.content):
+                    if part.type == "text":
+                        texts.append(part.text or "")
+                    elif part.type in IMAGE_PARTS:
+                        image = self.read_image(part.image_source(), f"messages.{i}.content.{j}")
+                        pixels += image.width * image.height
+                        if pixels > REQUEST_PIXEL_LIMIT:
+                            raise RequestError(
+                                400,
+                                f"messages.{i}.content.{j}: the request's images hold more than "
+                                f"{REQUEST_PIXEL_LIMIT // 1_000_000} megapixels together; send fewer or smaller "
+                                "images",
+                                param=f"messages.{i}.content.{j}",
+                            )
+                        texts.append(IMAGE_MARKER)
+                        images.append(image)
+                item["content"], item["images"] = "".join(texts), images
+            out.append(item)
+        return out
+
+    def read_image(self, source: Any, where: str) -> Any:
+        """The ``PIL.Image`` of an image part: a base64 ``data:`` URL, or (with ``allow_local_images``) a file
+        under that directory. Web URLs are refused: the server fetches nothing."""
+        from urllib.parse import unquote, urlparse
+
+        from .inputs import image_from_data_url, read_image_file
+
+        def refuse(message: str) -> RequestError:
+            return RequestError(400, f"{where}: {message}", param=where)
+
+        if not isinstance(source, str) or not source:
+            raise refuse('an image part needs a URL: {"type": "image_url", "image_url": {"url": "data:..."}}')
+        scheme = urlparse(source).scheme.lower() if ":" in source else ""
+        try:
+            if scheme == "data":
+                return image_from_data_url(source, "the image")
+            if scheme in ("http", "https"):
+                raise refuse(
+                    f"this server does not fetch images from the web ({source[:80]}); send the image as a base64 "
+                    "data: URL"
+                )
+            if scheme not in ("", "file"):
+                raise refuse(f"image URLs with scheme '{scheme[:20]}' are not read; send a base64 data: URL")
+            if self.image_root is None:
+                raise refuse(
+                    "this server reads no local image paths; send the image as a base64 data: URL, or start "
+                    "the server with --allow-local-images DIR"
+                )
+            path = unquote(urlparse(source).path) if scheme == "file" else source
+            real = os.path.realpath(os.path.join(self.image_root, path))  # an absolute path stays absolute
+            if os.path.commonpath([real, self.image_root]) != self.image_root:
+                raise refuse(
+                    f"{source[:200]} is outside the directory this server reads images from "
+                    "(--allow-local-images); name a file under it"
+                )
+            return read_image_file(real)
+        except LmflowError as exc:
+            raise refuse(exc.one_line()) from None
+
+    def prepare(
+        self, messages: list[dict[str, Any]], tools: Any, system: str | None = None
+    ) -> tuple[list[int], dict[str, Any]]:
+        """The prompt ids of a conversation and its other model inputs (pixel values...); raises
+        :class:`RequestError` (400) for what the template or a plugin refuses.
+
+        A conversation with images is checked without them (its markers left as text): the template's rules
+        (roles, system prompt, tools) still hold, and rendering the images is the ``format_conversation`` of the
+        plugin that reads them, which raises (a 400 too) for what it cannot render.
+        """
+        import dataclasses
+
         from .templates import Conversation
 
         session = self.session
         try:
             conversation = Conversation.from_messages(messages, system, tools=tools)
-            session.template.check(conversation)
-            return reply_prompt_ids(
+            checked = conversation
+            if conversation.images:
+                plain = [dataclasses.replace(m, images=()) for m in conversation.messages]
+                checked = dataclasses.replace(conversation, messages=plain)
+            session.template.check(checked)
+            ids = reply_prompt_ids(
                 session.plugins.hook, session.template, conversation, session.tokenizer, session.config
             )
+            inputs = prompt_inputs(
+                session.plugins.hook, session.model, session.tokenizer, conversation, session.config
+            )
+            return ids, inputs
         except Exception as exc:  # whatever a template raises about a conversation is the client's to fix
             message = exc.one_line() if isinstance(exc, LmflowError) else str(exc) or type(exc).__name__
             raise RequestError(400, f"messages: {message}", param="messages") from None
 
-    def submit(self, prompt_ids: list[int], options: GenerationOptions, **callbacks: Any) -> Any:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        inputs: dict[str, Any] | None = None,
+        **callbacks: Any,
+    ) -> Any:
         """Queue a generation; raises :class:`RequestError` 429 when too many requests wait."""
         session = self.session
         try:
@@ -221,6 +353,7 @@ class Server:
                 prompt_ids,
                 reply_options(session.template, session.tokenizer, options),
                 timeout=self.settings.request_timeout,
+                inputs=inputs,
                 **callbacks,
             )
         except Busy as exc:
@@ -284,11 +417,11 @@ def create_app(session: Any, settings: ServeSettings | None = None, server: Serv
             raise RequestError(
                 404, f"model '{body.model}' is not served here; this server serves '{session.name}'", "model"
             )
-        messages = [
-            {"role": m.role, "content": m.text(), **({"tool_calls": m.tool_calls} if m.tool_calls else {})}
-            for m in body.messages
-        ]
-        prompt_ids = server.prepare(messages, body.tools)
+        if any(m.has_images() for m in body.messages):  # decoding images takes a while: not on the event loop
+            messages = await asyncio.to_thread(server.request_messages, body.messages)
+            prompt_ids, inputs = await asyncio.to_thread(server.prepare, messages, body.tools)
+        else:
+            prompt_ids, inputs = server.prepare(server.request_messages(body.messages), body.tools)
         requested = body.max_completion_tokens or body.max_tokens
         limit = new_tokens_for(len(prompt_ids), requested, session.context, settings.max_new_tokens)
         options = request_options(body, limit)
@@ -298,6 +431,7 @@ def create_app(session: Any, settings: ServeSettings | None = None, server: Serv
         job = server.submit(
             prompt_ids,
             options,
+            inputs,
             on_text=(lambda piece: loop.call_soon_threadsafe(events.put_nowait, piece))
             if body.stream
             else None,
@@ -340,6 +474,8 @@ def create_app(session: Any, settings: ServeSettings | None = None, server: Serv
             app,
             chat_page(server),
             path="/",
+            head=IMAGE_SCRIPT if session.reads_images else None,
+            css=IMAGE_CSS if session.reads_images else None,
             run_history=False,
             max_file_size=1,  # nothing on the page uploads; the upload routes are refused anyway
             show_error=True,
@@ -414,23 +550,44 @@ def _history_text(content: Any) -> str:
     return ""
 
 
+#: The page's image picker: a file input read in the browser into a hidden text box as a ``data:`` URL, so the
+#: image travels in the request like an API client's, and the framework's upload and file routes stay off.
+IMAGE_PICKER = (
+    '<label for="lmflow-image-file">Image for your next message</label> '
+    '<input type="file" id="lmflow-image-file" accept="image/png,image/jpeg,image/gif,image/webp,image/bmp">'
+)
+IMAGE_SCRIPT = """<script>
+document.addEventListener("change", (event) => {
+  const input = event.target;
+  if (!input || input.id !== "lmflow-image-file") return;
+  const box = document.querySelector("#lmflow-image textarea");
+  const put = (value) => { box.value = value; box.dispatchEvent(new Event("input", {bubbles: true})); };
+  const file = input.files && input.files[0];
+  if (!file) { put(""); return; }
+  const reader = new FileReader();
+  reader.onload = () => put(reader.result);
+  reader.readAsDataURL(file);
+});
+document.addEventListener("keydown", (event) => {  // the image goes with this message: empty the picker
+  if (event.key !== "Enter" || event.shiftKey || !event.target.closest("#lmflow-input")) return;
+  const input = document.getElementById("lmflow-image-file");
+  if (input) setTimeout(() => { input.value = ""; }, 0);
+});
+</script>"""
+IMAGE_CSS = "#lmflow-image {display: none !important}"
+
+
 def chat_page(server: Server) -> Any:
-    """The Gradio chat page: multi-turn, streaming, with a system prompt and sampling controls."""
+    """The Gradio chat page: multi-turn, streaming, with a system prompt and sampling controls; with a model
+    that reads images, an image picker whose image goes with the next message (and stays with it)."""
     gr = offline_gradio()
     session, settings = server.session, server.settings
     most = settings.max_new_tokens or session.context or 512
 
-    def respond(
-        message: str, history: list[dict[str, Any]], system: str, temperature: float, max_tokens: int
-    ) -> Any:
-        messages = [
-            {"role": m["role"], "content": _history_text(m["content"])}
-            for m in history
-            if m.get("role") in ("user", "assistant")
-        ]
-        messages.append({"role": "user", "content": message})
+    def generate(messages: list[dict[str, Any]], system: str, temperature: float, max_tokens: int) -> Any:
         try:
-            prompt_ids = server.prepare(messages, None, system or None)
+            parsed = server.request_messages([ChatMessage.model_validate(m) for m in messages])
+            prompt_ids, inputs = server.prepare(parsed, None, system or None)
             wanted = int(max_tokens)
             if session.context and len(prompt_ids) < session.context:  # the slider is a wish: fit it in
                 wanted = min(wanted, session.context - len(prompt_ids))
@@ -439,7 +596,9 @@ def chat_page(server: Server) -> Any:
                 max_new_tokens=limit, greedy=temperature == 0, temperature=temperature or 1.0, top_k=0
             )
             pieces: queue.Queue = queue.Queue()
-            job = server.submit(prompt_ids, options, on_text=pieces.put, on_done=lambda: pieces.put(None))
+            job = server.submit(
+                prompt_ids, options, inputs, on_text=pieces.put, on_done=lambda: pieces.put(None)
+            )
         except RequestError as exc:
             raise gr.Error(exc.message) from None
         text = ""
@@ -453,6 +612,48 @@ def chat_page(server: Server) -> Any:
             raise gr.Error(str(job.error))
         yield job.result.text
 
+    def history_messages(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {"role": m["role"], "content": _history_text(m["content"])}
+            for m in history
+            if m.get("role") in ("user", "assistant")
+        ]
+
+    def respond(
+        message: str, history: list[dict[str, Any]], system: str, temperature: float, max_tokens: int
+    ) -> Any:
+        messages = [*history_messages(history), {"role": "user", "content": message}]
+        yield from generate(messages, system, temperature, max_tokens)
+
+    def respond_with_images(
+        message: str,
+        history: list[dict[str, Any]],
+        system: str,
+        temperature: float,
+        max_tokens: int,
+        image: str,
+        images: dict[int, str],
+    ) -> Any:
+        # The page's history holds text only: each user turn's image is kept here, by the turn's number.
+        images = dict(images or {})
+        messages = history_messages(history)
+        turn = sum(m["role"] == "user" for m in messages)
+        images = {k: v for k, v in images.items() if k < turn}  # a retried or edited turn drops what followed
+        if image:
+            images[turn] = image
+        messages.append({"role": "user", "content": message})
+        user = 0
+        for m in messages:
+            if m["role"] == "user":
+                if user in images:
+                    m["content"] = [
+                        {"type": "image_url", "image_url": {"url": images[user]}},
+                        {"type": "text", "text": m["content"]},
+                    ]
+                user += 1
+        for text in generate(messages, system, temperature, max_tokens):
+            yield text, images, ""
+
     with gr.Blocks(title=f"lmflow: {session.name}", analytics_enabled=False) as page:
         gr.Markdown(
             f"## lmflow chat: {session.name}\nTemplate `{session.template_name}`. The API is at `/v1`."
@@ -460,17 +661,28 @@ def chat_page(server: Server) -> Any:
         system = gr.Textbox(label="System prompt", placeholder="Optional", render=False)
         temperature = gr.Slider(0, 2, value=0, step=0.05, label="Temperature (0: greedy)", render=False)
         max_tokens = gr.Slider(1, most, value=min(256, most), step=1, label="Max new tokens", render=False)
+        extra: dict[str, Any] = {"additional_inputs": [system, temperature, max_tokens]}
+        if session.reads_images:
+            image = gr.Textbox(elem_id="lmflow-image", show_label=False, container=False, render=False)
+            images = gr.State({})
+            extra = {
+                "additional_inputs": [system, temperature, max_tokens, image, images],
+                "additional_outputs": [images, image],
+            }
         gr.ChatInterface(
-            respond,
+            respond_with_images if session.reads_images else respond,
             analytics_enabled=False,
             concurrency_limit=settings.max_batch_size,  # page users share the model as API clients do
-            additional_inputs=[system, temperature, max_tokens],
             additional_inputs_accordion="Settings",
             textbox=gr.Textbox(
                 placeholder="Type a message and press Enter", elem_id="lmflow-input", show_label=False
             ),
             chatbot=gr.Chatbot(elem_id="lmflow-chatbot", label=session.name, height=420),
+            api_name="respond",
+            **extra,
         )
+        if session.reads_images:
+            gr.HTML(IMAGE_PICKER, elem_id="lmflow-image-picker")
     return page
 
 
