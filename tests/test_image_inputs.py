@@ -361,3 +361,62 @@ def test_the_chat_page_sends_an_image_with_the_next_message_and_keeps_it(served)
     first_turn, second_turn = served.reader.seen
     assert [image.getpixel((0, 0)) for image in first_turn + second_turn] == [(0, 0, 255)] * 2
     assert served.reader.contents[1][0] == "<image>What is it?" and served.reader.contents[1][2] == "And now?"
+
+
+# ---- the real plugin: the multimodal demo's tiny LLaVA ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    """The multimodal demo's tiny LLaVA (seeded random weights), built in this module's own cache."""
+    demo = pytest.importorskip("lmflow_plugins.multimodal.demo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LMFLOW_CACHE", str(tmp_path_factory.mktemp("llava-cache")))
+        return demo.demo_base_dir()
+
+
+@pytest.fixture(scope="module")
+def llava_session(llava):
+    return open_session(str(llava), plugins=["multimodal"])
+
+
+def image_turn(image, text="What colour is it?") -> list[dict]:
+    return [{"role": "user", "content": f"{IMAGE_MARKER}\n{text}", "images": [image]}]
+
+
+def test_generate_and_chat_with_the_multimodal_plugin(runner, llava, llava_session, tmp_path):
+    from lmflow_core.cli import cli
+    from lmflow_core.generate import GenerationOptions
+
+    red = png(tmp_path / "red.png", "red", (32, 32))
+    expected = llava_session.chat(image_turn(str(red)), GenerationOptions(max_new_tokens=6)).text
+    blue = png(tmp_path / "blue.png", "blue", (32, 32))
+    assert expected != llava_session.chat(image_turn(str(blue)), GenerationOptions(max_new_tokens=6)).text
+    result = invoke(
+        runner, "generate", llava, "--plugins", "multimodal", "--image", red, "--prompt", "What colour is it?",
+        "--max-new-tokens", "6", "--no-stream",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    script = f"/image {red}\nWhat colour is it?\nAnd the shape?\n"
+    chat = runner.invoke(
+        cli, ["chat", str(llava), "--plugins", "multimodal", "--max-new-tokens", "6"], input=script
+    )
+    assert chat.exit_code == 0, chat.stderr
+    assert chat.stdout.splitlines()[1] == expected
+
+
+def test_serve_with_the_multimodal_plugin(llava_session):
+    from PIL import Image
+
+    from lmflow_core.generate import GenerationOptions
+
+    url = data_url("blue", (32, 32))
+    image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    expected = llava_session.chat(image_turn(image), GenerationOptions(max_new_tokens=6)).text
+    body = with_image(url, "What colour is it?")
+    body["messages"][0]["content"].insert(1, {"type": "text", "text": "\n"})
+    with serving(llava_session) as base:
+        status, answer = post(base, {**body, "max_tokens": 6})
+    assert status == 200, answer
+    assert answer["choices"][0]["message"]["content"] == expected
