@@ -280,9 +280,9 @@ def data_check(
     template_name = template or stored.get("template") or "chatml"
     chosen = get_template(template_name)
 
-    def normalize(record: Any, declared_type: str | None, where: str) -> Any:
+    def normalize(record: Any, declared_type: str | None, where: str, data_file: Any) -> Any:
         return run_plugins.hook.normalize_record(
-            config=config, record=record, declared_type=declared_type, where=where
+            config=config, record=record, declared_type=declared_type, where=where, data_file=data_file
         )
 
     def render(template: Any, conversation: Any, add_generation_prompt: bool = False) -> Any:

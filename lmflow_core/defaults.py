@@ -43,6 +43,13 @@ def load_model(config: Any, model_config: Any, init_kwargs: dict[str, Any]) -> A
 def format_conversation(
     template: Any, conversation: Any, add_generation_prompt: bool, tokenizer: Any
 ) -> list[Segment]:
+    if conversation.images:
+        from .templates import TemplateError
+
+        raise TemplateError(
+            f"the conversation holds {len(conversation.images)} image(s), and no selected plugin reads images",
+            "use a vision-language model with --plugins multimodal",
+        )
     return template.render(conversation, add_generation_prompt, tokenizer)
 
 
@@ -92,6 +99,6 @@ def evaluate(config: Any, model: Any, tokenizer: Any, dataset: Any) -> dict[str,
     from .data.prepare import REJECTED_COLUMNS
     from .nll import nll_metrics
 
-    if REJECTED_COLUMNS[0] in dataset.column_names:
-        return None  # preference pairs: the plugin that trains on them measures them (pair accuracy...)
+    if REJECTED_COLUMNS[0] in dataset.column_names or "images" in dataset.column_names:
+        return None  # pairs, images: the plugin that trains on them measures them (pair accuracy, image NLL)
     return nll_metrics(config, model, tokenizer, dataset)

@@ -143,9 +143,13 @@ def evaluate_dataset(
     hook = session.plugins.hook
     template = session.template
 
-    def normalize(record: Any, declared_type: str | None, where: str) -> Any:
+    def normalize(record: Any, declared_type: str | None, where: str, data_file: Any) -> Any:
         return hook.normalize_record(
-            config=session.config, record=record, declared_type=declared_type, where=where
+            config=session.config,
+            record=record,
+            declared_type=declared_type,
+            where=where,
+            data_file=data_file,
         )
 
     raw = load_raw_dataset(

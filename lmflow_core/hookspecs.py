@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import click
     import datasets
     import torch
@@ -303,7 +305,7 @@ def prepare_model(
 
 @hookspec(firstresult=True)
 def normalize_record(
-    config: RunConfig, record: Any, declared_type: str | None, where: str
+    config: RunConfig, record: Any, declared_type: str | None, where: str, data_file: Path | None
 ) -> tuple[str, dict[str, Any]] | None:
     """Accept a dataset record in a shape the core does not know (e.g. images next to the messages).
 
@@ -314,6 +316,8 @@ def normalize_record(
         record: the record as read from the file (usually a dict).
         declared_type: the file's ``"type"`` (LMFlow format), or ``None`` for .jsonl files and JSON lists.
         where: the file and index of the record, for error messages.
+        data_file: the file the record was read from, to resolve paths relative to it (``None`` for a row of
+            a hub dataset).
 
     Returns: ``(type, normalised_record)`` with ``type`` one of ``text_only``, ``text2text``,
     ``conversation`` and the record holding that type's fields (``{"text"}``, ``{"input", "output"}``,

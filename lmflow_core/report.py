@@ -192,6 +192,8 @@ def auto_class_of(model_dir: str) -> str:
         return "AutoModelForCausalLM"
     if str(architecture).endswith("ForSequenceClassification"):  # a reward model
         return "AutoModelForSequenceClassification"
+    if str(architecture).endswith("ForConditionalGeneration"):  # a vision-language model (LLaVA, Qwen2-VL)
+        return "AutoModelForImageTextToText"
     return "AutoModelForCausalLM"
 
 

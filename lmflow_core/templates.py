@@ -220,11 +220,6 @@ class Template:
             raise TemplateError(
                 "the conversation has no messages", "add at least a user and an assistant message"
             )
-        if conversation.images:
-            raise TemplateError(
-                f"the conversation holds images, which template '{self.name}' renders as text only",
-                "use a vision-language model with --plugins multimodal",
-            )
         uses_tools = conversation.tools or any(
             m.role == "tool" or m.tool_calls for m in conversation.messages
         )

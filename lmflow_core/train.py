@@ -289,8 +289,10 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
     template_name = config.template or stored.get("template")
     template = get_template(template_name) if template_name else None
 
-    def normalize(record: Any, declared_type: str | None, where: str) -> Any:
-        return hook.normalize_record(config=config, record=record, declared_type=declared_type, where=where)
+    def normalize(record: Any, declared_type: str | None, where: str, data_file: Any) -> Any:
+        return hook.normalize_record(
+            config=config, record=record, declared_type=declared_type, where=where, data_file=data_file
+        )
 
     if not config.dataset:
         raise ConfigError(

@@ -212,6 +212,15 @@ class LmflowTrainer(Trainer):
         )
         return self.optimizer
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        target = model if model is not None else self.model
+        if (
+            self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or not load_renamed(target, resume_from_checkpoint)
+        ):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # Tied weights (an LM head sharing the embedding matrix) are saved once; their absence is expected.
         pointers: dict[int, list[str]] = {}
@@ -332,3 +341,54 @@ def save_final(trainer: Any, tokenizer: Any, output_dir: Path, record: RunRecord
         staging.rmdir()
         fsync_dir(str(output_dir))
     trainer.accelerator.wait_for_everyone()
+
+
+def load_renamed(model: Any, checkpoint_dir: str) -> bool:
+    """Load a checkpoint's ``model.safetensors`` whose weights ``save_pretrained`` renamed; whether it did.
+
+    transformers saves some architectures under their legacy weight names (LLaVA: ``language_model.model.*``
+    for ``model.language_model.*``) and renames them back in ``from_pretrained``, but its Trainer reloads a
+    checkpoint with a plain ``load_state_dict``: every weight missed, the run silently resumed from the
+    starting weights. The names are matched here as ``save_pretrained`` writes them. Returns ``False`` (the
+    Trainer's own loading applies) for a checkpoint without renamed weights, sharded or converted ones.
+    """
+    from pathlib import Path
+
+    from transformers import PreTrainedModel
+
+    path = Path(checkpoint_dir) / "model.safetensors"
+    if not isinstance(model, PreTrainedModel) or not path.is_file():
+        return False
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return False
+    own = model.state_dict()
+    saved = revert_weight_conversion(model, dict(own))
+    if list(saved) == list(own) or len(saved) != len(own):
+        return False
+    by_storage: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in own.items():
+        by_storage.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    names: dict[str, list[str]] = {}
+    for saved_name, tensor in saved.items():
+        found = by_storage.get((tensor.data_ptr(), tuple(tensor.shape)))
+        if not found:
+            return False  # a weight converted (merged, split), not only renamed
+        names[saved_name] = found  # tied weights share one storage: each of their names
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    if any(key not in names for key in weights):
+        return False
+    state = {name: value for key, value in weights.items() for name in names[key]}
+    result = model.load_state_dict(state, strict=False)
+    pointers: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        pointers.setdefault(parameter.data_ptr(), []).append(name)
+    tied = {n for group in pointers.values() if len(group) > 1 for n in group}
+    if set(result.missing_keys) - tied:
+        raise RuntimeError(
+            f"checkpoint {checkpoint_dir} lacks weights: {sorted(set(result.missing_keys) - tied)[:5]}"
+        )
+    return True

@@ -258,20 +258,57 @@ def model_init_kwargs(config: RunConfig) -> dict[str, Any] | None:
     }
 
 
-def lora_config(options: Any) -> Any:
-    """The ``peft.LoraConfig`` of the run's options."""
+def lora_config(options: Any, model: Any = None, train_projector: bool = False) -> Any:
+    """The ``peft.LoraConfig`` of the run's options.
+
+    On a vision-language model (one with a ``language_model``, under ``--plugins multimodal``) ``all-linear``
+    means the language model's linear layers only, and the projector is trained and saved in full when
+    ``train_projector``.
+    """
     from peft import LoraConfig, TaskType
 
     saved = parse_names(options.modules_to_save)
+    targets = target_modules(options.target_modules)
+    if model is not None:
+        language = language_model_targets(model)
+        if language is not None and targets == ALL_LINEAR:
+            targets = language
+        if language is not None and train_projector:
+            saved += [name for name in projector_names(model) if name not in saved]
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=options.rank,
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
-        target_modules=target_modules(options.target_modules),
+        target_modules=targets,
         modules_to_save=saved or None,
         use_dora=options.dora,
     )
+
+
+def language_model_targets(model: Any) -> str | None:
+    """A vision-language model's ``all-linear``: a pattern of its language model's linear layers (peft matches
+    it against full module names); ``None`` for a model without a ``language_model``."""
+    import torch
+
+    names = {
+        key.rsplit(".", 1)[-1]
+        for key, module in model.named_modules()
+        if ".language_model." in f".{key}" and isinstance(module, torch.nn.Linear)
+    }
+    if not names:
+        return None
+    return rf"^(?:.*\.)?language_model\..*\.(?:{'|'.join(sorted(names))})$"
+
+
+def projector_names(model: Any) -> list[str]:
+    """The short module names of a vision-language model's projector (LLaVA's, Qwen2-VL's merger)."""
+    found = []
+    for key, _ in model.named_modules():
+        short = key.rsplit(".", 1)[-1]
+        if short in ("multi_modal_projector", "merger") and short not in found:
+            found.append(short)
+    return found
 
 
 def base_reference(model: str) -> str:
@@ -297,7 +334,10 @@ def prepare_model(config: RunConfig, model: Any, tokenizer: Any) -> Any:
         )
     # The adapters' random initialisation is a function of --seed, whatever ran before in this process.
     set_seed(config.seed)
-    peft_model = get_peft_model(model, lora_config(options))  # its deprecation notice: see quiet_libraries
+    train_projector = "multimodal" in config.plugins and config.options_for("multimodal").train_projector
+    peft_model = get_peft_model(
+        model, lora_config(options, model, train_projector)
+    )  # notice: quiet_libraries
     # get_peft_model names the base as the model reports it; name what the user gave, resolved.
     peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = base_reference(model_source(config))
     return peft_model

@@ -220,7 +220,7 @@ def load_raw_dataset(
             ``org/name:split``) where no local path of that name exists.
         template: when given, every conversation is also checked against it (roles, order, system prompt).
         max_samples: keep only the first N records (after validation of those N).
-        normalize: the ``normalize_record`` hook: ``(record, declared_type, where)`` -> ``(type, record)`` for
+        normalize: the ``normalize_record`` hook: ``(record, declared_type, where, data_file)`` -> ``(type, record)`` for
             record shapes a plugin understands, or ``None`` for the core's own formats.
         dataset_format: one of ``DATASET_FORMATS``: ``auto`` detects each record's format from its keys; any
             other value reads every record as that format.
@@ -246,7 +246,7 @@ def load_raw_dataset(
             )
         rows, hub = read_hub_dataset(reference, dataset_config, dataset_revision, purpose)
         label = f"{hub['repo']}[{hub['split']}]"
-        items: Any = ((f"{label}#{i}", None, row) for i, row in enumerate(rows))
+        items: Any = ((f"{label}#{i}", None, row, None) for i, row in enumerate(rows))
     else:
         if dataset_config or dataset_revision:
             from ..report import note
@@ -262,11 +262,11 @@ def load_raw_dataset(
             )
         items = _file_items(files, dataset_format)
     dataset: RawDataset | None = None
-    for where, declared, item in items:
+    for where, declared, item, data_file in items:
         if max_samples is not None and dataset is not None and len(dataset) >= max_samples:
             break
         try:
-            custom = normalize(item, declared, where) if normalize is not None else None
+            custom = normalize(item, declared, where, data_file) if normalize is not None else None
             if custom is not None:
                 (record_type, record), record_format = custom, "plugin"
             else:
@@ -308,7 +308,7 @@ def load_raw_dataset(
 
 
 def _file_items(files: list[Path], dataset_format: str) -> Any:
-    """``(where, declared type, item)`` for every record of ``files``, read one file at a time."""
+    """``(where, declared type, item, file)`` for every record of ``files``, read one file at a time."""
     for file in files:
         kind, items = _read_file(file)
         if kind is not None and dataset_format not in ("auto", "lmflow"):
@@ -322,7 +322,7 @@ def _file_items(files: list[Path], dataset_format: str) -> Any:
                 "pass --dataset-format auto to detect the records' format",
             )
         for label, item in items:
-            yield f"{file}: {label}", kind, item
+            yield f"{file}: {label}", kind, item, file
 
 
 def _read_file(file: Path) -> tuple[str | None, list[tuple[str, Any]]]:

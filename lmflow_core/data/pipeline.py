@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import LmflowError
 from ..plugins import RunPlugins, fold
 from .packing import check_packing_support, pack_dataset
-from .prepare import tokenize_dataset
+from .prepare import drop_untrained, tokenize_dataset
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -57,6 +57,8 @@ def prepare_data(
         data = fold(
             hook.prepare_dataset, "dataset", config=config, dataset=data, tokenizer=tokenizer, split=split
         )
+        if split_stats.dropped_untrained and len(data) > split_stats.examples:  # kept for the plugins to see
+            data = drop_untrained(data)
         if len(data) == 0:
             raise LmflowError(
                 f"the {split} dataset has no example left to train on", "check the data and --block-size"

@@ -236,7 +236,9 @@ def tokenize_dataset(
         stats.length_mean = round(statistics.fmean(full_lengths), 2)
         stats.length_median = statistics.median(full_lengths)
         stats.length_p95 = full_lengths[min(len(full_lengths) - 1, int(0.95 * len(full_lengths)))]
-    if stats.dropped_untrained:
+    # With plugin columns the untrained examples stay until the plugins' prepare_dataset has seen them (a cut
+    # image: an error naming the record); the pipeline drops them after it (drop_untrained).
+    if stats.dropped_untrained and not keep_full_length:
         finished = finished.filter(
             lambda b: [n > 0 for n in b["_trained"]],
             batched=True,
@@ -244,14 +246,29 @@ def tokenize_dataset(
             load_from_cache_file=False,
             new_fingerprint=f"{key}-kept",
         )
-    stats.tokens = sum(finished["_length"])
-    stats.examples = len(finished)
+    kept = [n > 0 for n in finished["_trained"]]
+    stats.tokens = sum(n for n, keep in zip(finished["_length"], kept) if keep)
+    stats.examples = sum(kept)
     stats.workers = processes
     stats.seconds = round(time.monotonic() - started, 2)
     encoded = finished.remove_columns(["_trained", "_max_id", "_length"])
     if use_cache:
         _save_cache(cache_dir, encoded, stats)
     return encoded, stats
+
+
+def drop_untrained(dataset: Any) -> Any:
+    """The examples of ``dataset`` with a trained token (in each answer, for preference pairs)."""
+    columns = [c for c in ("labels", REJECTED_COLUMNS[1]) if c in dataset.column_names]
+
+    def trained(batch: dict[str, list]) -> list[bool]:
+        return [all(any(t != IGNORE_INDEX for t in row[c]) for c in columns) for row in _rows(batch, columns)]
+
+    return dataset.filter(trained, batched=True, keep_in_memory=True, load_from_cache_file=False)
+
+
+def _rows(batch: dict[str, list], columns: list[str]) -> list[dict[str, list]]:
+    return [dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns))]
 
 
 def _encode_pairs(
