@@ -256,7 +256,7 @@ class Template:
         """Render the conversation; with ``add_generation_prompt`` end with the assistant's turn header."""
         raise NotImplementedError
 
-    def to_jinja(self) -> str | None:
+    def to_jinja(self, image: str = IMAGE_MARKER) -> str | None:
         """An equivalent Jinja chat template (saved with trained models), or ``None`` if there is none."""
         return None
 
@@ -399,8 +399,13 @@ class TurnTemplate(Template):
             segments.append(Segment(_fill(self.assistant_header, None, specials)))
         return [s for s in segments if s.text]
 
-    def to_jinja(self) -> str:
-        """A Jinja chat template that renders exactly what :meth:`render` does (for ``tokenizer_config``)."""
+    def to_jinja(self, image: str = IMAGE_MARKER) -> str:
+        """A Jinja chat template that renders exactly what :meth:`render` does (for ``tokenizer_config``).
+
+        A message whose content is a list of OpenAI content parts is rendered as their texts joined, each image
+        part written as ``image`` (what the model's processor expands: ``<image>`` for LLaVA), as
+        :func:`content_with_images` joins them.
+        """
 
         def literal(pattern: str, content: str | None = None) -> str:
             parts = []
@@ -421,7 +426,7 @@ class TurnTemplate(Template):
                 expr = f"{expr}.replace({json.dumps(old)}, {json.dumps(new)})"
             return f"({expr} | trim)" if self._strips(role) else expr
 
-        content = "message['content']"
+        content = "content"
         sys_expr = "(system | trim)" if self._strips("system") else "system"
         default = json.dumps(self.default_system) if self.default_system is not None else "none"
         if self.default_system is not None and "{today}" in self.default_system:
@@ -459,6 +464,13 @@ class TurnTemplate(Template):
         lines += [
             "{%- endif -%}",
             "{%- for message in loop_messages -%}",
+            "{%- if message['content'] is string -%}{%- set content = message['content'] -%}{%- else -%}"
+            "{%- set parts = namespace(text='') -%}{%- for part in message['content'] -%}"
+            "{%- if part['type'] in ('text', 'input_text', 'output_text') -%}"
+            "{%- set parts.text = parts.text + part['text'] -%}"
+            "{%- elif part['type'] in ('image', 'image_url', 'input_image') -%}"
+            f"{{%- set parts.text = parts.text + {json.dumps(image)} -%}}"
+            "{%- endif -%}{%- endfor -%}{%- set content = parts.text -%}{%- endif -%}",
             "{%- if message['role'] == 'user' -%}",
             f"{{%- if loop.index0 == ns.prefix_at -%}}{{%- set text = {prefixed} -%}}",
             "{%- else -%}{%- set text = " + clean(content, "user") + " -%}{%- endif -%}",

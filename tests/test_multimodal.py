@@ -99,14 +99,14 @@ def state_of(directory) -> dict[str, torch.Tensor]:
 # ---- data --------------------------------------------------------------------------------------------------
 
 
-def tokenized(demo, path: Path, block_size: int = 256, **options):
+def tokenized(demo, path: Path, block_size: int = 256, model: Path | None = None, **options):
     """The train split as a run tokenizes it (the plugin's hooks), without training."""
     from lmflow_core.data.pipeline import prepare_data
     from lmflow_core.report import Reporter
     from lmflow_core.train import check_run, configure
 
     config, plugins = configure(
-        model=str(demo[0]),
+        model=str(model or demo[0]),
         dataset=str(path),
         template="chatml",
         plugins=["multimodal"],
@@ -274,8 +274,10 @@ def test_training_lowers_the_loss_freezes_the_tower_and_saves_a_loadable_model(t
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     record = json.loads(small_data[1].read_text().splitlines()[0])
+    # the stored chat template renders image parts as the processor expects them
+    text = processor.apply_chat_template(record["messages"][:1], add_generation_prompt=True)
     question = record["messages"][0]["content"][1]["text"]
-    text = f"<|im_start|>user\n<image>{question}<|im_end|>\n<|im_start|>assistant\n"
+    assert text == f"<|im_start|>user\n<image>{question}<|im_end|>\n<|im_start|>assistant\n"
     inputs = processor(text=text, images=Image.open(image_of(record)).convert("RGB"), return_tensors="pt")
     session = open_session(str(out), plugins=["multimodal"])
     with torch.no_grad():
@@ -342,3 +344,82 @@ def test_resume_continues_bit_identically(demo, small_data, tmp_path, capfd):
     assert resumed.losses == whole.losses
     one, two = state_of(tmp_path / "whole"), state_of(tmp_path / "resumed")
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_qwen2_vl_images_become_as_many_tokens_as_their_size_gives_and_train(demo, tmp_path):
+    """Qwen2-VL: each image is <|vision_start|>, one <|image_pad|> per merged patch of its own size,
+    <|vision_end|>, in place; pixels and grids as its image processor makes them; it trains and answers."""
+    from lmflow_plugins.multimodal import data_collator
+    from PIL import Image
+    from transformers import AutoImageProcessor
+    from vlm_models import tiny_qwen2_vl
+
+    model = tiny_qwen2_vl(tmp_path / "qwen")
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (64, 40), "blue").save(tmp_path / "b.png")
+    records = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "path": "a.png"}, {"type": "text", "text": "Colour?"}],
+                },
+                {"role": "assistant", "content": "Red."},
+            ]
+        },
+        {
+            "images": ["b.png"],
+            "messages": [
+                {"role": "user", "content": "And <image>?"},
+                {"role": "assistant", "content": "Blue."},
+            ],
+        },
+    ]
+    path = write_jsonl(tmp_path / "q.jsonl", records * 4)
+    data, tokenizer, config = tokenized(demo, path, model=model)
+    processor = AutoImageProcessor.from_pretrained(model)
+    images = [Image.open(tmp_path / name).convert("RGB") for name in ("a.png", "b.png")]
+    expected = processor(images=images, return_tensors="pt")
+    counts = [int(grid.prod()) // 4 for grid in expected["image_grid_thw"]]
+    assert counts[0] != counts[1]  # the count follows the image's size
+    pads = ["<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>" for n in counts]
+    texts = [
+        f"<|im_start|>user\n{pads[0]}Colour?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n",
+        f"<|im_start|>user\nAnd {pads[1]}?<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n",
+    ]
+    for example, text in zip(data, texts):
+        assert example["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    batch = data_collator(config, tokenizer)([data[0], data[1]])
+    assert torch.equal(batch["pixel_values"], expected["pixel_values"])
+    assert torch.equal(batch["image_grid_thw"], expected["image_grid_thw"])
+    pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == pad_id).long())
+
+    result = run(
+        model=str(model),
+        dataset=str(path),
+        template="chatml",
+        plugins=["multimodal"],
+        output_dir=str(tmp_path / "out"),
+        max_steps=3,
+        batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        sample_prompts=[],
+    )
+    losses = [loss for _, loss in result.losses]
+    assert losses[-1] < losses[0]
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert saved.apply_chat_template([records[0]["messages"][0]], tokenize=False) == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Colour?<|im_end|>\n"
+    )
+    session = open_session(str(tmp_path / "out"), plugins=["multimodal"], template="chatml")
+    question = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "path": str(tmp_path / "b.png")}, {"type": "text", "text": "?"}],
+        }
+    ]
+    assert isinstance(session.chat(question, GenerationOptions(max_new_tokens=3)).text, str)

@@ -32,6 +32,8 @@ from lmflow_core import (
     LmflowError,
     PluginOption,
     StashKey,
+    atomic_write,
+    get_template,
     hookimpl,
     load_model_config,
     model_source,
@@ -196,7 +198,7 @@ def prepare_model(config: RunConfig, model: Any, tokenizer: Any) -> None:
         for name, parameter in model.named_parameters():
             part = part_of(name)
             parameter.requires_grad_(trained[part])
-            counts[part] += parameter.numel()
+            counts[part] += getattr(parameter, "ds_numel", None) or parameter.numel()  # ZeRO-3 partitions
         note(
             "multimodal: training "
             + ", ".join(f"{part.replace('_', ' ')} ({counts[part]:,})" for part in trained if trained[part])
@@ -299,13 +301,18 @@ def data_collator(config: RunConfig, tokenizer: Any) -> Any:
 
 
 def save_processor(config: RunConfig, tokenizer: Any, directory: str) -> None:
-    """Write the image processor (and the processor's own files) next to the model, for AutoProcessor."""
+    """Write the image processor (and the processor's own files) next to the model, for AutoProcessor, and
+    the run's template as the chat template with images written as the model's processor expects them."""
     vision = vision_for(config, tokenizer)
     vision.image_processor.save_pretrained(directory)
     source = Path(model_source(config))
     for name in PROCESSOR_FILES:
         if (source / name).is_file() and not (Path(directory) / name).exists():
             shutil.copyfile(source / name, Path(directory) / name)
+    template = get_template(config.template) if config.template else None
+    jinja = template.to_jinja(image=vision.template_image) if template is not None else None
+    if jinja:
+        atomic_write(Path(directory) / "chat_template.jinja", jinja)
 
 
 @hookimpl

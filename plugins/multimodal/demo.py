@@ -89,6 +89,8 @@ DEMO_SETTINGS: dict[str, Any] = {
     "logging_steps": 10,
     "save_steps": 150,
     "save_total_limit": 2,
+    # Batches mixed as they come: grouped by length they hold one question each, and colours learn slowly.
+    "group_by_length": False,
 }
 
 CHAT_TEMPLATE = (

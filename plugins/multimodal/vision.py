@@ -202,6 +202,13 @@ class Vision:
         has_cls = getattr(vision, "model_type", "") == "clip_vision_model"
         return side * side + (1 if has_cls and strategy == "full" else 0)
 
+    @property
+    def template_image(self) -> str:
+        """What a chat template writes for an image, before the processor expands it."""
+        if self.family == "qwen2_vl":
+            return "<|vision_start|><|image_pad|><|vision_end|>"
+        return self.image_token
+
     def placeholder(self, size: tuple[int, int]) -> str:
         """The text an image of ``size`` stands for in a rendered prompt (expanded image tokens)."""
         count = self.tokens_for(size)
