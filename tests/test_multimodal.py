@@ -18,11 +18,14 @@ TRAIN_STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def demo():
-    """The demo's tiny LLaVA and generated images (built once per machine, like the demo itself)."""
+def demo(tmp_path_factory):
+    """The demo's tiny LLaVA and generated images, built in the test session's cache (as the demo builds them
+    once per machine)."""
     from lmflow_plugins.multimodal.demo import demo_base_dir, demo_data_dir
 
-    return demo_base_dir(), demo_data_dir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LMFLOW_CACHE", str(tmp_path_factory.getbasetemp() / "lmflow-cache"))
+        return demo_base_dir(), demo_data_dir()
 
 
 def records_of(data_dir: Path, name: str, count: int) -> list[dict]:
@@ -423,3 +426,16 @@ def test_qwen2_vl_images_become_as_many_tokens_as_their_size_gives_and_train(dem
         }
     ]
     assert isinstance(session.chat(question, GenerationOptions(max_new_tokens=3)).text, str)
+
+
+def test_the_embedded_demo_is_the_plugins_own_and_flags_still_win(demo):
+    from lmflow_core.train import configure
+
+    config, _ = configure(plugins=["multimodal"])
+    assert (config.model, config.template) == (str(demo[0]), "chatml")
+    assert config.dataset == str(demo[1] / "train.jsonl") and config.eval_dataset == str(
+        demo[1] / "eval.jsonl"
+    )
+    assert config.options_for("multimodal").answer_accuracy and not config.group_by_length
+    config, _ = configure(plugins=["multimodal"], epochs=1, multimodal={"answer_accuracy": False})
+    assert config.epochs == 1 and not config.options_for("multimodal").answer_accuracy

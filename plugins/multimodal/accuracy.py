@@ -10,23 +10,16 @@ from .collate import ImageCollator
 from .vision import Vision, open_image
 
 
-def first_word(text: str) -> str:
-    """The first word of an answer, lower case, without punctuation (``"Red."`` -> ``"red"``)."""
-    words = re.findall(r"[\w']+", text.lower())
-    return words[0] if words else ""
-
-
 def answers_match(reference: str, answer: str) -> bool:
-    """The accuracy rule: the first words match (``"A circle."`` / ``"a circle, small"``: both ``a``...).
+    """The accuracy rule: the first word that is not an article matches, ignoring case and punctuation
+    (``"a Circle, I think"`` answers ``"A circle."``)."""
+    first = _first_word(answer)
+    return first is not None and first == _first_word(reference)
 
-    Articles are skipped, so ``"A circle."`` is compared by ``circle``.
-    """
-    return _content_word(reference) == _content_word(answer) != ""
 
-
-def _content_word(text: str) -> str:
-    words = [w for w in re.findall(r"[\w']+", text.lower()) if w not in ("a", "an", "the", "it", "is")]
-    return words[0] if words else ""
+def _first_word(text: str) -> str | None:
+    words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in ("a", "an", "the")]
+    return words[0] if words else None
 
 
 def _split(example: dict[str, Any]) -> tuple[list[int], list[int]]:

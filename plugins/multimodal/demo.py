@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -75,9 +74,6 @@ SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
 SHAPE_QUESTION = "What shape is in the picture?"
 COLOUR_QUESTIONS: tuple[str, ...] = ("What colour is the {shape}?", "What colour is the shape?")
 
-#: Chance level of each question kind: the share a model answering at random gets right.
-DEMO_CHANCE: dict[str, float] = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)}
-
 #: Recommended ``lmflow run`` settings for the demo (RunConfig fields).
 DEMO_SETTINGS: dict[str, Any] = {
     "epochs": 8,
@@ -107,7 +103,6 @@ CHAT_TEMPLATE = (
 )
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-_ARTICLES = frozenset({"a", "an", "the"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,28 +308,6 @@ def _record(picture: tuple[Any, ...], path: str, rng: random.Random) -> dict[str
             {"role": "assistant", "content": answer},
         ]
     }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def question_kind(question: str) -> str:
-    """``"shape"`` or ``"colour"``: what a demo question asks for (the keys of :data:`DEMO_CHANCE`)."""
-    return "shape" if "shape is" in question else "colour"
-
-
-def demo_answer_correct(expected: str, generated: str) -> bool:
-    """Whether ``generated`` answers like ``expected``: the first word that is not an article matches,
-    ignoring case and punctuation (``"a Circle, I think"`` answers ``"A circle."``)."""
-    first = _first_word(generated)
-    return first is not None and first == _first_word(expected)
-
-
-def _first_word(text: str) -> str | None:
-    words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _ARTICLES]
-    return words[0] if words else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
