@@ -368,10 +368,10 @@ def test_the_chat_page_sends_an_image_with_the_next_message_and_keeps_it(served)
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    """The multimodal demo's tiny LLaVA (seeded random weights), built in this module's own cache."""
+    """The multimodal demo's tiny LLaVA (seeded random weights), built once in the test session's cache."""
     demo = pytest.importorskip("lmflow_plugins.multimodal.demo")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LMFLOW_CACHE", str(tmp_path_factory.mktemp("llava-cache")))
+        patch.setenv("LMFLOW_CACHE", str(tmp_path_factory.getbasetemp() / "lmflow-cache"))
         return demo.demo_base_dir()
 
 

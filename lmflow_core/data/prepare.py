@@ -252,9 +252,21 @@ def tokenize_dataset(
     stats.workers = processes
     stats.seconds = round(time.monotonic() - started, 2)
     encoded = finished.remove_columns(["_trained", "_max_id", "_length"])
-    if use_cache:
-        _save_cache(cache_dir, encoded, stats)
+    if use_cache and _save_cache(cache_dir, encoded, stats):
+        # The saved copy, memory-mapped, as a cached run gets it: the tokenizing passes' memory goes back.
+        encoded = datasets.load_from_disk(str(cache_dir / "data"))
+    _release_arrow_memory()
     return encoded, stats
+
+
+def _release_arrow_memory() -> None:
+    """Hand the pages Arrow's memory pool kept from the tokenizing passes back to the system."""
+    try:
+        import pyarrow
+
+        pyarrow.default_memory_pool().release_unused()
+    except (ImportError, AttributeError):
+        pass
 
 
 def drop_untrained(dataset: Any) -> Any:
@@ -365,20 +377,23 @@ def _cache_key(
     return digest.hexdigest()[:32]
 
 
-def _save_cache(cache_dir: Path, dataset: Any, stats: DataStats) -> None:
-    """Write the tokenized dataset to the cache atomically (a staging directory renamed into place)."""
+def _save_cache(cache_dir: Path, dataset: Any, stats: DataStats) -> bool:
+    """Write the tokenized dataset to the cache atomically (a staging directory renamed into place); whether
+    it is there now."""
     import json
 
     try:
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_dir.parent))
     except OSError:
-        return  # a cache that cannot be written only costs time on the next run
+        return False  # a cache that cannot be written only costs time on the next run
     try:
         dataset.save_to_disk(str(staging / "data"))
         (staging / "stats.json").write_text(json.dumps(stats.to_dict()))
         if cache_dir.exists():
             shutil.rmtree(cache_dir, ignore_errors=True)
         os.replace(staging, cache_dir)
+        return True
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
+        return False
