@@ -56,6 +56,9 @@ NAME = "lora"
 ALL_LINEAR = "all-linear"
 ADAPTER_NAME = "default"
 MERGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: Files of a model's processor an adapter directory may hold beside the tokenizer (multimodal runs save them);
+#: a merged model gets them too, the adapter's chat template last.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.jinja")
 
 
 @hookimpl
@@ -438,6 +441,9 @@ def merge_lora(
         merged.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        for name in PROCESSOR_FILES:  # a vision-language adapter's image processor: AutoProcessor loads it
+            if (adapter_dir / name).is_file():
+                shutil.copyfile(adapter_dir / name, staging / name)
         record = read_json(adapter_dir / RUN_RECORD)
         if record:
             record["merged_from"] = {"base": base_reference(base), "adapter": str(adapter_dir.resolve())}

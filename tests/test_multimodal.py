@@ -330,7 +330,21 @@ def test_lora_adapts_the_language_model_only_and_saves_the_projector(demo, small
     assert losses[-1] < losses[0]
     record = json.loads(small_data[1].read_text().splitlines()[0])
     session = open_session(str(out), plugins=["multimodal"])
-    assert isinstance(session.chat(record["messages"][:1]).text, str)
+    options = GenerationOptions(max_new_tokens=4)
+    answer = session.chat(record["messages"][:1], options).text
+
+    # merged: a plain model directory that the auto classes load, answering as the adapter on its base does
+    from lmflow_plugins.lora import merge_lora
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    merged = merge_lora(None, out, tmp_path / "merged", plugins=["multimodal"])
+    assert (
+        type(AutoModelForImageTextToText.from_pretrained(merged)).__name__ == "LlavaForConditionalGeneration"
+    )
+    assert AutoProcessor.from_pretrained(merged).image_processor is not None
+    assert (
+        open_session(str(merged), plugins=["multimodal"]).chat(record["messages"][:1], options).text == answer
+    )
 
 
 def test_resume_continues_bit_identically(demo, small_data, tmp_path, capfd):
