@@ -346,14 +346,19 @@ def measure(args: argparse.Namespace, workdir: Path, env: dict, side: str, varia
     """Train one configuration in a fresh process; its report plus the peak PSS of its process tree."""
     command = [sys.executable, __file__, "--child", side, "--variant", variant, "--workdir", str(workdir)]
     command += forwarded(args)
-    log = workdir / f"{side}-{variant}.log"
+    return run_child(command, workdir / f"{side}-{variant}.log", workdir, env, args.timeout)
+
+
+def run_child(command: list[str], log: Path, workdir: Path, env: dict, timeout: float) -> dict:
+    """Run a benchmark child process: its report (the last JSON line of its stdout), its wall time and the peak
+    PSS of its process tree; ``outcome`` says ``ok``, ``timeout`` (killed) or why it failed."""
     with open(log, "w") as stderr, open(workdir / "child.out", "w") as stdout:
         spawned = time.time()
         process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, start_new_session=True)
         peak_pss, outcome = 0, "ok"
         while process.poll() is None:
             peak_pss = max(peak_pss, tree_memory(process.pid)[0])
-            if time.time() - spawned > args.timeout:
+            if time.time() - spawned > timeout:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 outcome = "timeout"

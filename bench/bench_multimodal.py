@@ -57,9 +57,7 @@ import hashlib
 import json
 import os
 import resource
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,8 +67,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_data import tree_memory  # noqa: E402  (process-tree memory)
-from bench_dpo import Meter, _rss, _sync_cuda, _tail  # noqa: E402  (step times, memory, child logs)
+from bench_dpo import Meter, _rss, _sync_cuda, run_child  # noqa: E402  (step times, memory, child processes)
 
 MIB = 1024 * 1024
 SIDES = ("plain", "lmflow")
@@ -526,31 +523,7 @@ def measure(args: argparse.Namespace, workdir: Path, env: dict, side: str, profi
     log = workdir / f"{side}.log"
     if not args.reuse_tokenized:  # lmflow's tokenization cache: a new one, so that this run tokenizes
         env = {**env, "LMFLOW_CACHE": tempfile.mkdtemp(prefix="cache-", dir=workdir)}
-    with open(log, "w") as stderr, open(workdir / "child.out", "w") as stdout:
-        spawned = time.time()
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, start_new_session=True)
-        peak_pss, outcome = 0, "ok"
-        while process.poll() is None:
-            peak_pss = max(peak_pss, tree_memory(process.pid)[0])
-            if time.time() - spawned > args.timeout:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                outcome = "timeout"
-                break
-            time.sleep(0.05)
-    wall = time.time() - spawned
-    lines = (workdir / "child.out").read_text().strip().splitlines()
-    report = {}
-    if lines:
-        try:
-            report = json.loads(lines[-1])
-        except json.JSONDecodeError:
-            report = {}
-    if outcome == "ok" and process.returncode != 0:
-        outcome = report.get("error") or f"failed (exit {process.returncode}): {_tail(log)}"
-    if outcome != "ok":
-        return {"outcome": outcome, "wall_s": wall}
-    return {"outcome": "ok", "wall_s": wall, "peak_pss": peak_pss, **report}
+    return run_child(command, log, workdir, env, args.timeout)
 
 
 CHILD_ARGUMENTS = (
