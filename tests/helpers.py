@@ -13,6 +13,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -317,3 +319,26 @@ def trl_dpo_losses(
     )
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@contextlib.contextmanager
+def serving(session, **settings):
+    """``lmflow serve``'s server for ``session`` in a thread; yields it (``.base`` is its URL)."""
+    from lmflow_core.launch import free_port
+    from lmflow_core.serve import ServeSettings, make_server
+
+    settings.setdefault("ui", False)
+    server = make_server(session, ServeSettings(port=free_port(), **settings))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    server.base = f"127.0.0.1:{server.config.port}"
+    server.thread = thread
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        server.lmflow.engine.close()

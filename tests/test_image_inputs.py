@@ -15,15 +15,12 @@ import http.client
 import io
 import json
 import os
-import threading
-import time
 
 import pytest
-from helpers import assert_one_line_error, invoke, write_json
+from helpers import assert_one_line_error, invoke, serving, write_json
 
 from lmflow_core import IMAGE_MARKER, hookimpl
 from lmflow_core.inference import open_session
-from lmflow_core.launch import free_port
 
 
 class ImageReader:
@@ -216,23 +213,10 @@ def served(image_session):
 
 
 @contextlib.contextmanager
-def serving(session, **settings):
+def serving_at(session, **settings):
     """``lmflow serve``'s server for ``session`` in a thread; yields its address."""
-    from lmflow_core.serve import ServeSettings, make_server
-
-    settings.setdefault("ui", False)
-    server = make_server(session, ServeSettings(port=free_port(), **settings))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.02)
-    try:
-        yield f"127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        server.lmflow.engine.close()
+    with serving(session, **settings) as server:
+        yield server.base
 
 
 def post(base: str, body: dict | bytes) -> tuple[int, dict]:
@@ -267,7 +251,7 @@ def refused(answer: tuple[int, dict], status: int, *fragments: str) -> None:
 def test_image_parts_reach_the_plugin_and_web_urls_and_broken_data_are_refused(served, monkeypatch):
     from lmflow_core import inputs
 
-    with serving(served) as base:
+    with serving_at(served) as base:
         status, answer = post(base, with_image(data_url("red", (6, 4))))
         assert status == 200 and answer["choices"][0]["message"]["content"] is not None, answer
         status, _ = post(base, with_image(data_url("blue", (5, 5)), kind="image"))
@@ -291,7 +275,7 @@ def test_image_parts_reach_the_plugin_and_web_urls_and_broken_data_are_refused(s
         refused(post(base, with_image(big)), 400, "more than the 64.0 KiB")
         refused(post(base, with_image("/etc/hostname")), 400, "--allow-local-images DIR")
         assert post(base, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})[0] == 200
-    with serving(served, max_request_bytes=1024 * 1024) as base:  # a body over the limit: 413, unread
+    with serving_at(served, max_request_bytes=1024 * 1024) as base:  # a body over the limit: 413, unread
         refused(post(base, with_image(data_url(size=(1, 1)), "x" * 2**21)), 413, "--max-request-bytes")
 
 
@@ -301,7 +285,7 @@ def test_local_images_only_under_the_allowed_directory(served, tmp_path):
     inside = png(root / "a.png", "green")
     outside = png(tmp_path / "secret.png")
     (root / "link.png").symlink_to(outside)
-    with serving(served, allow_local_images=str(root)) as base:
+    with serving_at(served, allow_local_images=str(root)) as base:
         assert post(base, with_image("a.png"))[0] == 200
         assert post(base, with_image(f"file://{inside}"))[0] == 200
         assert post(base, with_image(str(inside)))[0] == 200
@@ -313,7 +297,7 @@ def test_local_images_only_under_the_allowed_directory(served, tmp_path):
 
 def test_a_server_whose_model_reads_no_images_refuses_them_with_400(chat_model):
     session = open_session(str(chat_model))
-    with serving(session) as base:
+    with serving_at(session) as base:
         refused(
             post(base, with_image(data_url())),
             400,
@@ -337,7 +321,7 @@ def test_text_requests_stay_batched_while_image_requests_run_alone(served, monke
         "temperature": 0,
         "max_tokens": 12,
     }
-    with serving(served, max_batch_size=8) as base:
+    with serving_at(served, max_batch_size=8) as base:
         alone = post(base, text)[1]["choices"][0]["message"]["content"]
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(lambda body: post(base, body), [text, with_image(data_url())] * 3))
@@ -353,7 +337,7 @@ def test_text_requests_stay_batched_while_image_requests_run_alone(served, monke
 def test_the_chat_page_sends_an_image_with_the_next_message_and_keeps_it(served):
     from gradio_client import Client
 
-    with serving(served, ui=True) as base:
+    with serving_at(served, ui=True) as base:
         client = Client(f"http://{base}/", verbose=False)
         first = client.predict("What is it?", "", 0, 3, data_url("blue"), api_name="/respond")
         assert isinstance(first[0], str) and first[1] == ""  # the image box is emptied once sent
@@ -416,7 +400,7 @@ def test_serve_with_the_multimodal_plugin(llava_session):
     expected = llava_session.chat(image_turn(image), GenerationOptions(max_new_tokens=6)).text
     body = with_image(url, "What colour is it?")
     body["messages"][0]["content"].insert(1, {"type": "text", "text": "\n"})
-    with serving(llava_session) as base:
+    with serving_at(llava_session) as base:
         status, answer = post(base, {**body, "max_tokens": 6})
     assert status == 200, answer
     assert answer["choices"][0]["message"]["content"] == expected

@@ -13,11 +13,11 @@ import json
 import select
 import signal
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from helpers import serving
 
 from lmflow_core import hookimpl
 from lmflow_core.generate import GenerationOptions
@@ -30,28 +30,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def session(chat_model):
     return open_session(str(chat_model))
-
-
-@contextlib.contextmanager
-def serving(session, **settings):
-    """``lmflow serve``'s server for ``session`` in a thread; yields it (``.base`` is its URL)."""
-    from lmflow_core.serve import ServeSettings, make_server
-
-    settings.setdefault("ui", False)
-    server = make_server(session, ServeSettings(port=free_port(), **settings))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive()
-        time.sleep(0.05)
-    server.base = f"127.0.0.1:{server.config.port}"
-    server.thread = thread
-    try:
-        yield server
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        server.lmflow.engine.close()
 
 
 @contextlib.contextmanager
