@@ -398,9 +398,10 @@ CHILD_ARGUMENTS = (
 )
 
 
-def forwarded(args: argparse.Namespace) -> list[str]:
+def forwarded(args: argparse.Namespace, names: tuple[str, ...] = CHILD_ARGUMENTS) -> list[str]:
+    """The flags that pass ``names`` (and ``--bf16``) on to a child process."""
     out = []
-    for name in CHILD_ARGUMENTS:
+    for name in names:
         out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return out + (["--bf16"] if args.bf16 else [])
 

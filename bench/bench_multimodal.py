@@ -67,7 +67,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_dpo import Meter, _rss, _sync_cuda, run_child  # noqa: E402  (step times, memory, child processes)
+from bench_dpo import Meter, _rss, _sync_cuda, forwarded, run_child  # noqa: E402  (step times, memory, child processes)
 
 MIB = 1024 * 1024
 SIDES = ("plain", "lmflow")
@@ -519,7 +519,7 @@ def _plain(value: Any) -> Any:
 def measure(args: argparse.Namespace, workdir: Path, env: dict, side: str, profile: bool = False) -> dict:
     """Train one side in a fresh process; its report plus the peak PSS of its process tree."""
     command = [sys.executable, __file__, "--child", side, "--workdir", str(workdir)]
-    command += forwarded(args) + (["--child-profile"] if profile else [])
+    command += forwarded(args, CHILD_ARGUMENTS) + (["--child-profile"] if profile else [])
     log = workdir / f"{side}.log"
     if not args.reuse_tokenized:  # lmflow's tokenization cache: a new one, so that this run tokenizes
         env = {**env, "LMFLOW_CACHE": tempfile.mkdtemp(prefix="cache-", dir=workdir)}
@@ -537,13 +537,6 @@ CHILD_ARGUMENTS = (
     "seed",
     "model_dir",
 )
-
-
-def forwarded(args: argparse.Namespace) -> list[str]:
-    out = []
-    for name in CHILD_ARGUMENTS:
-        out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return out + (["--bf16"] if args.bf16 else [])
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
