@@ -363,15 +363,16 @@ def test_resume_continues_bit_identically(demo, small_data, tmp_path, capfd):
     assert all(torch.equal(one[k], two[k]) for k in one)
 
 
-def test_qwen2_vl_images_become_as_many_tokens_as_their_size_gives_and_train(demo, tmp_path):
-    """Qwen2-VL: each image is <|vision_start|>, one <|image_pad|> per merged patch of its own size,
-    <|vision_end|>, in place; pixels and grids as its image processor makes them; it trains and answers."""
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_qwen2_vl_images_become_as_many_tokens_as_their_size_gives_and_train(demo, tmp_path, version):
+    """Qwen2-VL and Qwen2.5-VL: each image is <|vision_start|>, one <|image_pad|> per merged patch of its own
+    size, <|vision_end|>, in place; pixels and grids as its image processor makes them; it trains and answers."""
     from lmflow_plugins.multimodal import data_collator
     from PIL import Image
     from transformers import AutoImageProcessor
     from vlm_models import tiny_qwen2_vl
 
-    model = tiny_qwen2_vl(tmp_path / "qwen")
+    model = tiny_qwen2_vl(tmp_path / "qwen", version=version)
     Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
     Image.new("RGB", (64, 40), "blue").save(tmp_path / "b.png")
     records = [

@@ -32,7 +32,7 @@ QWEN2_VL_PATCH = 8
 QWEN2_VL_MERGE = 2
 
 
-def tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
+def tiny_qwen2_vl(path: Path, seed: int = 0, version: str = "2") -> Path:
     """A tiny ``Qwen2VLForConditionalGeneration`` with seeded random weights, saved with its tokenizer and
     processor at ``path``; returns ``path``.
 
@@ -41,7 +41,13 @@ def tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
     ``mm_token_type_ids`` beside ``pixel_values`` and ``image_grid_thw`` (the processor returns all three).
     """
     import torch
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
@@ -52,7 +58,22 @@ def tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_TOKENS}
 
     head_dim = 16
-    config = Qwen2VLConfig(
+    shared = {"depth": 2, "num_heads": 2, "patch_size": QWEN2_VL_PATCH, "spatial_merge_size": QWEN2_VL_MERGE}
+    if version == "2.5":  # Qwen2.5-VL: window attention in the tower, its width named hidden_size
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision = {
+            **shared,
+            "hidden_size": 32,
+            "out_hidden_size": 64,
+            "intermediate_size": 64,
+            "window_size": 32,
+        }
+        vision.update(fullatt_block_indexes=[1], temporal_patch_size=2)
+    else:
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        # hidden_size: the merger's output, the text model's hidden size
+        vision = {**shared, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "temporal_patch_size": 2}
+    config = config_class(
         text_config={
             "vocab_size": len(tokenizer),
             "hidden_size": 64,
@@ -67,16 +88,7 @@ def tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": 64,  # the merger's output: the text model's hidden size
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": QWEN2_VL_PATCH,
-            "spatial_merge_size": QWEN2_VL_MERGE,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -84,7 +96,7 @@ def tiny_qwen2_vl(path: Path, seed: int = 0) -> Path:
     )
     assert config.text_config.hidden_size // config.text_config.num_attention_heads == head_dim
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 

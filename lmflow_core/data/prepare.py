@@ -255,17 +255,26 @@ def tokenize_dataset(
     if use_cache and _save_cache(cache_dir, encoded, stats):
         # The saved copy, memory-mapped, as a cached run gets it: the tokenizing passes' memory goes back.
         encoded = datasets.load_from_disk(str(cache_dir / "data"))
-    _release_arrow_memory()
+    release_memory()
     return encoded, stats
 
 
-def _release_arrow_memory() -> None:
-    """Hand the pages Arrow's memory pool kept from the tokenizing passes back to the system."""
+def release_memory() -> None:
+    """Hand the memory the tokenizing passes freed back to the system: Arrow's pool keeps its pages, and glibc's
+    allocator the freed heap (``malloc_trim``); without this a run holds them through training."""
+    import ctypes
+    import ctypes.util
+
     try:
         import pyarrow
 
         pyarrow.default_memory_pool().release_unused()
     except (ImportError, AttributeError):
+        pass
+    libc = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(libc).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl): nothing to trim
         pass
 
 
