@@ -125,9 +125,17 @@ class RawDataset:
     converted: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
     hub: dict[str, Any] | None = None
+    #: The record count once :meth:`release` dropped the records.
+    released: int | None = None
 
     def __len__(self) -> int:
-        return len(self.records)
+        return self.released if self.released is not None else len(self.records)
+
+    def release(self) -> None:
+        """Drop the records (and their origins) once they are tokenized: a large dataset's Python objects
+        would otherwise stay in memory through training. The count stays."""
+        self.released = len(self)
+        self.records, self.origins = [], []
 
     @property
     def uses_template(self) -> bool:

@@ -69,6 +69,7 @@ def prepare_data(
             stats[split]["hub"] = raw.hub
         if split == "train" and config.packing:
             prepared[split], stats[split]["packing"] = _pack(config, raw, data, block_size, report)
+        raw.release()  # tokenized: the records' Python objects are not needed through training
     return prepared["train"], prepared.get("eval"), stats
 
 
