@@ -26,7 +26,7 @@ from typing import Any
 from .config import RunConfig, resolve_plugin_options
 from .errors import ConfigError, LmflowError
 from .models import adapter_base, is_adapter, load_model_config
-from .plugins import RunPlugins, call_each, select_plugins
+from .plugins import RunPlugins, call_each, merge_each, select_plugins
 
 
 @dataclass
@@ -74,17 +74,12 @@ def tokenizer_for(config: RunConfig, run_plugins: RunPlugins) -> Any:
 
 def merged_init_kwargs(run_plugins: RunPlugins, config: RunConfig) -> dict[str, Any]:
     """Every plugin's ``model_init_kwargs`` in one dict; one key set to two values is an error naming both."""
-    merged: dict[str, Any] = {}
-    owner: dict[str, str] = {}
-    for plugin, kwargs in call_each(run_plugins.hook.model_init_kwargs, config=config):
-        for key, value in (kwargs or {}).items():
-            if key in merged and merged[key] != value:
-                raise LmflowError(
-                    f"plugins '{owner[key]}' and '{plugin}' set the model argument '{key}' differently",
-                    "run with only one of them",
-                )
-            merged[key], owner[key] = value, plugin
-    return merged
+    return merge_each(
+        call_each(run_plugins.hook.model_init_kwargs, config=config),
+        lambda key: f"the model argument '{key}'",
+        LmflowError,
+        "run with only one of them",
+    )
 
 
 def weights_for(config: RunConfig, run_plugins: RunPlugins, model_config: Any) -> Any:

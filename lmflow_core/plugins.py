@@ -12,7 +12,7 @@ import difflib
 import importlib
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import ModuleType
@@ -314,6 +314,21 @@ def call_each(caller: Any, skip: Any = None, **kwargs: Any) -> list[tuple[str, A
             print(f"[lmflow hook] {caller.name} -> {impl.plugin_name}", file=sys.stderr)
         results.append((impl.plugin_name, impl.function(*[kwargs[name] for name in impl.argnames])))
     return results
+
+
+def merge_each(
+    results: list[tuple[str, Any]], describe: Callable[[str], str], error: type[Exception], fix: str
+) -> dict[str, Any]:
+    """The dicts of :func:`call_each`'s ``results`` merged; a key two plugins set differently is ``error``
+    naming both (``describe(key)`` says what the key is)."""
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for plugin, values in results:
+        for key, value in (values or {}).items():
+            if key in merged and merged[key] != value:
+                raise error(f"plugins '{owner[key]}' and '{plugin}' set {describe(key)} differently", fix)
+            merged[key], owner[key] = value, plugin
+    return merged
 
 
 def fold(caller: Any, value_arg: str, **kwargs: Any) -> Any:

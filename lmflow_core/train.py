@@ -19,7 +19,7 @@ from .hookspecs import StepContext
 from .loading import model_config_for, tokenizer_for, weights_for
 from .models import block_size_for, stored_run
 from .options import parse_plugin_names
-from .plugins import RunPlugins, call_each, discover_plugins, fold, select_plugins
+from .plugins import RunPlugins, call_each, discover_plugins, fold, merge_each, select_plugins
 from .report import Reporter, format_duration, quiet_libraries
 from .rundir import (
     OutputPlan,
@@ -127,17 +127,12 @@ def plugin_demo_settings(
     names: list[str], extra: list[tuple[str, Any]], given: dict[str, Any]
 ) -> dict[str, Any]:
     """The selected plugins' ``demo_settings`` merged; one setting set differently by two is an error."""
-    merged: dict[str, Any] = {}
-    owner: dict[str, str] = {}
-    for plugin, settings in call_each(select_plugins(names, extra).hook.demo_settings, given=dict(given)):
-        for key, value in (settings or {}).items():
-            if key in merged and merged[key] != value:
-                raise PluginError(
-                    f"plugins '{owner[key]}' and '{plugin}' set the demo's {key} differently",
-                    "give --model and --dataset, or run the demo of one of them",
-                )
-            merged[key], owner[key] = value, plugin
-    return merged
+    return merge_each(
+        call_each(select_plugins(names, extra).hook.demo_settings, given=dict(given)),
+        lambda key: f"the demo's {key}",
+        PluginError,
+        "give --model and --dataset, or run the demo of one of them",
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

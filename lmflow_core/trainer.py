@@ -223,11 +223,8 @@ class LmflowTrainer(Trainer):
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # Tied weights (an LM head sharing the embedding matrix) are saved once; their absence is expected.
-        pointers: dict[int, list[str]] = {}
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            pointers.setdefault(param.data_ptr(), []).append(name)
         missing = set(load_result.missing_keys)
-        tied = {n for names in pointers.values() if len(names) > 1 and set(names) - missing for n in names}
+        tied = {n for names in tied_groups(self.model) if set(names) - missing for n in names}
         if missing and missing <= tied:
             load_result = type(load_result)([], list(load_result.unexpected_keys))
         super()._issue_warnings_after_load(load_result)
@@ -383,12 +380,18 @@ def load_renamed(model: Any, checkpoint_dir: str) -> bool:
         return False
     state = {name: value for key, value in weights.items() for name in names[key]}
     result = model.load_state_dict(state, strict=False)
-    pointers: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        pointers.setdefault(parameter.data_ptr(), []).append(name)
-    tied = {n for group in pointers.values() if len(group) > 1 for n in group}
+    tied = {n for group in tied_groups(model) for n in group}
     if set(result.missing_keys) - tied:
         raise RuntimeError(
             f"checkpoint {checkpoint_dir} lacks weights: {sorted(set(result.missing_keys) - tied)[:5]}"
         )
     return True
+
+
+def tied_groups(model: Any) -> list[list[str]]:
+    """The names of each group of parameters sharing one storage (an LM head tied to the embeddings), which a
+    checkpoint saves once."""
+    pointers: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        pointers.setdefault(parameter.data_ptr(), []).append(name)
+    return [names for names in pointers.values() if len(names) > 1]
