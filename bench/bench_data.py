@@ -523,7 +523,7 @@ def settings(args: argparse.Namespace, sizes: list[int]) -> dict:
         "skip_lmflow_above": args.skip_lmflow_above,
         "seed": args.seed,
         "tokenizer": "bundled demo, lmflow chatml template",
-        "lmflow_processes": "lmflow's preparation takes no process count; it runs as `lmflow run` does",
+        "lmflow_processes": "lmflow runs as `lmflow run` does: --preprocessing-workers by default, the cores available",
     }
 
 

@@ -238,7 +238,7 @@ def data_group() -> None:
 @click.option(
     "--preprocessing-workers",
     type=click.IntRange(min=1),
-    help="Processes that tokenize (default: one).",
+    help="Processes that tokenize (default: the cores available; one under 10,000 records).",
 )
 @dataset_reading_options
 @debug_option
@@ -298,7 +298,7 @@ def data_check(
         raw = load_raw_dataset(
             path,
             chosen,
-            normalize=normalize,
+            normalize=normalize if run_plugins.hook.normalize_record.get_hookimpls() else None,
             dataset_format=dataset_format,
             dataset_config=dataset_config,
             dataset_revision=dataset_revision,
@@ -344,7 +344,11 @@ def data_check(
     converted = "".join(f" ({n} converted from {k})" for k, n in stats.converted.items())
     click.echo(
         f"records: {stats.records:,}{converted}"
-        + (" (tokenized before: read from the cache)" if stats.cached else f", {preparation_summary(stats)}")
+        + (
+            " (tokenized before: read from the cache)"
+            if stats.cached
+            else f", {preparation_summary(stats, raw)}"
+        )
     )
     what = f"tokenizer {info['tokenizer']}" + (f", template {template_name}" if info["template"] else "")
     unit = "pair" if raw.paired else "example"

@@ -89,7 +89,7 @@ class RunConfig:
     )
     preprocessing_workers: int | None = opt(
         None,
-        "Processes that tokenize the data (default: one).",
+        "Processes that tokenize the data (default: the cores available; one under 10,000 records).",
         "Data",
         min=1,
     )

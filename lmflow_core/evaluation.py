@@ -156,7 +156,7 @@ def evaluate_dataset(
         dataset,
         template,
         max_samples,
-        normalize,
+        normalize if hook.normalize_record.get_hookimpls() else None,
         dataset_format=dataset_format,
         dataset_config=dataset_config,
         dataset_revision=dataset_revision,

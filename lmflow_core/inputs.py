@@ -10,11 +10,13 @@ names the file and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import os
 import stat
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,8 +24,9 @@ from .errors import LmflowError
 
 #: Settings, conversations and templates are small; anything bigger is not what the user meant to pass.
 SMALL_FILE_LIMIT = 64 * 2**20
-#: One dataset file (after decompression); every record is held in memory, so this is already generous.
-DATASET_FILE_LIMIT = 16 * 2**30
+#: One dataset file (after decompression). Datasets are read as a stream, so this only stops a file that never
+#: ends (one still being written to, say); split larger data into several files of one directory.
+DATASET_FILE_LIMIT = 1024 * 2**30
 #: A ``.gz`` file may decompress to this many times its size, or to ``GZIP_FLOOR`` bytes, whichever is more.
 #: Text and JSON compress 3 to 20 times; a gzip bomb compresses about 1000 times.
 GZIP_RATIO = 200
@@ -125,6 +128,88 @@ def read_input_file(
                 f"{what} {path} is not a valid gzip file ({exc})",
                 "recompress it with gzip, or remove the .gz",
             ) from None
+
+
+class _Bounded:
+    """A binary stream that calls ``too_large()`` (which raises) once more than ``limit`` bytes were read from
+    it, and ``broken(exc)`` (which raises) where reading fails; ``position`` counts the bytes read so far."""
+
+    def __init__(
+        self,
+        stream: BinaryIO,
+        limit: int,
+        too_large: Callable[[], None],
+        broken: Callable[[BaseException], None] | None = None,
+    ):
+        self.stream, self.limit, self.too_large, self.broken, self.position = (
+            stream,
+            limit,
+            too_large,
+            broken,
+            0,
+        )
+
+    def _count(self, read: Callable[[int], bytes], size: int) -> bytes:
+        try:
+            data = read(size)
+        except (OSError, EOFError, zlib.error) as exc:
+            if self.broken is None:
+                raise
+            self.broken(exc)
+            raise
+        self.position += len(data)
+        if self.position > self.limit:
+            self.too_large()
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        return self._count(self.stream.read, size if size >= 0 else _CHUNK)
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._count(self.stream.readline, size)
+
+
+@contextlib.contextmanager
+def open_input_stream(
+    path: str | os.PathLike,
+    what: str = "file",
+    fix: str = "check the path",
+    error: type = LmflowError,
+    limit: int | None = None,
+    decompress: bool = False,
+) -> Iterator[_Bounded]:
+    """The regular file at ``path`` as a binary stream (``read``, ``readline``, ``position``), checked as
+    :func:`read_input_file` checks it, for reading a large file without holding it: past ``limit`` bytes (or
+    a ``.gz`` file's gzip-bomb bound, with ``decompress``) a read raises ``error``; so does a broken gzip file.
+    """
+    path = Path(path).expanduser()
+    limit = SMALL_FILE_LIMIT if limit is None else limit
+    with open_input_file(path, what, fix, error) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if not (decompress and path.name.lower().endswith(".gz")):
+            if size > limit:
+                raise error(
+                    f"{what} {path} is {format_bytes(size)}, more than the {format_bytes(limit)} lmflow reads "
+                    "from one file",
+                    _too_large_fix(what),
+                )
+            yield _Bounded(handle, limit, lambda: _too_large(path, what, limit, error))
+            return
+        bound = min(limit, max(GZIP_FLOOR, GZIP_RATIO * size))
+
+        def broken(exc: BaseException) -> None:
+            raise error(
+                f"{what} {path} is not a valid gzip file ({exc})",
+                "recompress it with gzip, or remove the .gz",
+            ) from None
+
+        with gzip.GzipFile(fileobj=handle, mode="rb") as stream:
+            yield _Bounded(
+                io.BufferedReader(stream, _CHUNK),
+                bound,
+                lambda: _gzip_too_large(path, what, size, bound, limit, error),
+                broken,
+            )
 
 
 def read_input_text(

@@ -119,7 +119,7 @@ class Reporter:
         if stats.cached:
             parts.append("from cache")
         else:
-            parts.append(preparation_summary(stats))
+            parts.append(preparation_summary(stats, raw))
         self.line(" | ".join(parts))
         if getattr(raw, "hub", None):
             self.line(f"data ({split}) read from the {raw.hub_description}")
@@ -174,11 +174,22 @@ class Reporter:
         self.line(f"saved: {result.output_dir} ({how})")
 
 
-def preparation_summary(stats: Any) -> str:
-    """``tokenized in 1.2 s (8,300 records/s, 2 processes)``."""
+def preparation_summary(stats: Any, raw: Any = None) -> str:
+    """``read in 2.0s (48 MB/s), tokenized in 9.8s (20,400 records/s, 2 processes)``: the reading (with
+    validation) of ``raw``, when it was read rather than taken from the cache, and the tokenization."""
     rate = stats.records / stats.seconds if stats.seconds > 0 else 0.0
     processes = f", {stats.workers} processes" if stats.workers > 1 else ""
-    return f"tokenized in {stats.seconds:.1f}s ({rate:,.0f} records/s{processes})"
+    tokenized = f"tokenized in {stats.seconds:.1f}s ({rate:,.0f} records/s{processes})"
+    seconds = getattr(raw, "seconds", 0.0)
+    if raw is None or getattr(raw, "cached", False) or not seconds:
+        return (
+            tokenized
+            if raw is None or not getattr(raw, "cached", False)
+            else f"records from cache, {tokenized}"
+        )
+    size = getattr(raw, "bytes", None)
+    speed = f"{size / seconds / 2**20:,.0f} MB/s" if size else f"{len(raw) / seconds:,.0f} records/s"
+    return f"read in {seconds:.1f}s ({speed}), {tokenized}"
 
 
 def auto_class_of(model_dir: str) -> str:

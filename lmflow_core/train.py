@@ -30,7 +30,6 @@ from .rundir import (
     is_main_process,
     plan_output_dir,
 )
-from .trainer import build_trainer, save_final, training_arguments
 
 
 @dataclass
@@ -162,6 +161,7 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     """Run a configured fine-tuning (see :func:`run`)."""
     from .data.pipeline import check_vocabulary, prepare_data
     from .models import model_source
+    from .trainer import build_trainer, save_final, training_arguments
 
     report = (reporter or Reporter(main=is_main_process())).activate()
     hook = run_plugins.hook
@@ -298,6 +298,8 @@ def check_run(config: RunConfig, run_plugins: RunPlugins) -> CheckedRun:
     # is judged and the data is read.
     model_config = model_config_for(config, run_plugins)
     plan = plan_output_dir(config, Path(config.output_dir), inputs)
+    if not hook.normalize_record.get_hookimpls():
+        normalize = None  # the core's own formats: records read from files are cached
     reading = {
         "dataset_format": config.dataset_format,
         "dataset_config": config.dataset_config,

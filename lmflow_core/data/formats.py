@@ -28,17 +28,35 @@ Every record is checked; the first malformed one stops the run with an error nam
 
 from __future__ import annotations
 
+import codecs
+import functools
+import hashlib
 import json
+import re
+import shutil
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import DATASET_FORMATS  # ``--dataset-format`` values; ``auto`` detects each record's format
 from ..errors import DataError
-from ..inputs import DATASET_FILE_LIMIT, read_input_text
+from ..inputs import DATASET_FILE_LIMIT, format_bytes, open_input_stream
 from ..templates import Conversation, Template, TemplateError
+from .store import (
+    BATCH,
+    Records,
+    RecordWriter,
+    cache_root,
+    commit,
+    entry_lock,
+    file_digest,
+    reading_progress,
+    scratch_dir,
+    staging_dir,
+)
 
 TYPES = ("text_only", "text2text", "conversation", "paired_conversation", "paired_text2text")
 #: Record types that hold a chosen and a rejected answer to one prompt (trained with a pairwise loss).
@@ -93,6 +111,13 @@ _TEXT_PARTS = ("text", "input_text", "output_text")
 SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json")
 _SUFFIX_NAMES = ".json or .jsonl file (optionally gzipped: .json.gz, .jsonl.gz)"
 _READ_NAMES = ".json, .jsonl, .json.gz and .jsonl.gz"
+#: The largest single record (a JSON Lines line, an element of a JSON list) lmflow parses; a file is read as a
+#: stream, so only this much of it (and a read-ahead of ``_READ_AHEAD``) is ever held.
+RECORD_LIMIT = 256 * 2**20
+#: Bump when reading or validation changes, so old cached records are not reused.
+RECORDS_FORMAT = "lmflow-records-v1"
+RECORDS_FILE = "records.arrow"
+_READ_AHEAD = 2**20
 #: Nesting that no real record reaches; where a file nests deeper than Python parses, the error shows the spot.
 MAX_DEPTH = 500
 #: Auto-detection: the first key a record has decides its format.
@@ -113,29 +138,73 @@ class RawDataset:
     """Validated records of one dataset, normalised to its type's shape.
 
     ``records`` hold ``{"text"}`` (text_only), ``{"input", "output"}`` (text2text) or ``{"system",
-    "messages"}`` (conversation, Alpaca and ShareGPT records included). ``origins[i]`` names where record ``i``
-    came from; ``formats`` counts the records of each format (``FORMAT_NAMES``); ``hub`` describes a dataset
-    read from the Hugging Face hub (repository, config, split and resolved revision), ``None`` for local files.
+    "messages"}`` (conversation, Alpaca and ShareGPT records included): a list, or (as
+    :func:`load_raw_dataset` returns them) :class:`~lmflow_core.data.store.Records` read memory-mapped from an
+    Arrow file, a sequence of the same dicts. ``formats`` counts the records of each format (``FORMAT_NAMES``);
+    ``hub`` describes a dataset read from the Hugging Face hub (repository, config, split and resolved
+    revision), ``None`` for local files. ``fingerprint`` identifies the records' content (the tokenization
+    cache's key); ``seconds`` is how long reading and validating took (0 when the records came from the
+    cache, ``cached``), ``bytes`` how much was read.
     """
 
     type: str
-    records: list[dict[str, Any]]
+    records: Sequence[dict[str, Any]]
     files: list[Path]
-    origins: list[str] = field(default_factory=list)
     converted: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
     hub: dict[str, Any] | None = None
     #: The record count once :meth:`release` dropped the records.
     released: int | None = None
+    fingerprint: str | None = None
+    seconds: float = 0.0
+    bytes: int | None = None
+    cached: bool = False
+    #: The records' top-level keys (of any record), when known without reading the records.
+    columns: list[str] | None = None
 
     def __len__(self) -> int:
         return self.released if self.released is not None else len(self.records)
 
     def release(self) -> None:
-        """Drop the records (and their origins) once they are tokenized: a large dataset's Python objects
-        would otherwise stay in memory through training. The count stays."""
+        """Drop the records once they are tokenized: a large dataset's records would otherwise stay reachable
+        through training. The count stays."""
         self.released = len(self)
-        self.records, self.origins = [], []
+        self.records = []
+
+    def save_meta(self, directory: Path) -> None:
+        meta = {
+            "format": RECORDS_FORMAT,
+            "type": self.type,
+            "files": [str(f) for f in self.files],
+            "converted": dict(self.converted),
+            "formats": dict(self.formats),
+            "hub": self.hub,
+            "fingerprint": self.fingerprint,
+            "seconds": self.seconds,
+            "bytes": self.bytes,
+            "columns": self.columns,
+        }
+        (directory / "meta.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def from_directory(cls, directory: Path, cached: bool = False) -> RawDataset:
+        """The dataset :func:`load_raw_dataset` wrote to ``directory``, its records memory-mapped."""
+        meta = json.loads((directory / "meta.json").read_text())
+        if meta.get("format") != RECORDS_FORMAT:
+            raise ValueError("an entry of another format")
+        return cls(
+            meta["type"],
+            Records(directory / RECORDS_FILE),
+            [Path(f) for f in meta["files"]],
+            Counter(meta["converted"]),
+            Counter(meta["formats"]),
+            hub=meta["hub"],
+            fingerprint=meta["fingerprint"],
+            seconds=0.0 if cached else meta["seconds"],
+            bytes=meta["bytes"],
+            cached=cached,
+            columns=meta["columns"],
+        )
 
     @property
     def uses_template(self) -> bool:
@@ -245,7 +314,8 @@ def load_raw_dataset(
             f"unknown dataset format {dataset_format!r}", f"choose one of {', '.join(DATASET_FORMATS)}"
         )
     reference = hub_reference(str(path))
-    hub, files = None, []
+    hub, files, size = None, [], None
+    tally = [0]  # bytes read so far, for the progress bar
     if reference is not None:
         if dataset_format == "lmflow":
             raise DataError(
@@ -268,57 +338,138 @@ def load_raw_dataset(
             note(
                 f"dataset directory {path}: {_listing(skipped)} {verb} not read (only {_READ_NAMES} files are)"
             )
-        items = _file_items(files, dataset_format)
-    dataset: RawDataset | None = None
-    for where, declared, item, data_file in items:
-        if max_samples is not None and dataset is not None and len(dataset) >= max_samples:
-            break
-        try:
-            custom = normalize(item, declared, where, data_file) if normalize is not None else None
-            if custom is not None:
-                (record_type, record), record_format = custom, "plugin"
-            else:
-                record_format, record_type, record = _normalise(item, declared, where, dataset_format)
-        except RecursionError:
-            raise DataError(
-                f"{where} is nested too deeply to read",
-                "flatten the record (real records nest a few levels)",
-            ) from None
-        if _base_type(record_type) not in TYPES:
-            raise DataError(f"{where}: a plugin returned the unknown record type {record_type!r}")
-        if dataset is None:
-            dataset = RawDataset(_base_type(record_type), [], files, hub=hub)
-        elif _base_type(record_type) != dataset.type:
-            raise DataError(
-                f"{where} is a {record_type} record but earlier records are {dataset.type}",
-                "a dataset holds one type of record; split it into separate datasets",
-            )
-        if record_type == ALPACA:  # a plugin may still return the legacy "alpaca" type
-            record_format = ALPACA
-        if record_format in _CONVERTED:
-            dataset.converted[record_format] += 1
-        dataset.formats[record_format] += 1
-        if template is not None and dataset.type in ("conversation", "paired_conversation"):
+        size = _total_size(files)
+        items = _file_items(files, dataset_format, tally)
+    read = functools.partial(
+        _read_records, items, path, template, max_samples, normalize, dataset_format, files, hub, size, tally
+    )
+    # Records from local files whose reading no plugin changes are cached, keyed by the files' contents.
+    key = _records_key(files, dataset_format, template, max_samples) if files and normalize is None else None
+    if key is None:
+        return read(scratch_dir())
+    entry = cache_root() / f"records-{key}"
+    with entry_lock(entry.name):  # under --nproc one process reads, the others wait for its result
+        if (entry / "meta.json").is_file():
             try:
-                for messages in _checked_conversations(record):
-                    template.check(
-                        Conversation.from_messages(messages, record["system"], record.get("tools"))
-                    )
-            except TemplateError as exc:
+                return RawDataset.from_directory(entry, cached=True)
+            except (OSError, ValueError, KeyError):  # a damaged entry is read again
+                pass
+        try:
+            staging = staging_dir(cache_root())
+        except OSError:  # the cache cannot be written: read into a private directory
+            return read(scratch_dir())
+        try:
+            read(staging)
+            commit(staging, entry)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return RawDataset.from_directory(entry)
+
+
+def _total_size(files: list[Path]) -> int | None:
+    """The bytes to read from ``files`` (``None`` when one is compressed: its text's size is unknown)."""
+    try:
+        if any(f.name.lower().endswith(".gz") for f in files):
+            return None
+        return sum(f.stat().st_size for f in files)
+    except OSError:
+        return None
+
+
+def _records_key(
+    files: list[Path], dataset_format: str, template: Template | None, max_samples: int | None
+) -> str:
+    """What the validated records of local files depend on: each file's path and content, how they are read,
+    the template they are checked against, and lmflow's version (its validation)."""
+    from ..version import __version__
+
+    digest = hashlib.sha256()
+    for part in (RECORDS_FORMAT, __version__, dataset_format, repr(template), str(max_samples)):
+        digest.update(part.encode() + b"\0")
+    for file in files:
+        digest.update(f"{file.resolve()}\0{file_digest(file)}\0".encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:32]
+
+
+def _read_records(
+    items: Any,
+    path: str | Path,
+    template: Template | None,
+    max_samples: int | None,
+    normalize: Normalizer | None,
+    dataset_format: str,
+    files: list[Path],
+    hub: dict[str, Any] | None,
+    size: int | None,
+    tally: list[int],
+    directory: Path,
+) -> RawDataset:
+    """Validate every record of ``items`` and write them to ``directory`` (``records.arrow`` and
+    ``meta.json``), one batch at a time: memory holds a batch, never the dataset."""
+    started = time.monotonic()
+    writer = RecordWriter(directory / RECORDS_FILE)
+    dataset: RawDataset | None = None
+    progress = reading_progress(size, f"Reading {Path(str(path)).name}")
+    try:
+        for where, declared, item, data_file in items:
+            if max_samples is not None and writer.count >= max_samples:
+                break
+            try:
+                custom = normalize(item, declared, where, data_file) if normalize is not None else None
+                if custom is not None:
+                    (record_type, record), record_format = custom, "plugin"
+                else:
+                    record_format, record_type, record = _normalise(item, declared, where, dataset_format)
+            except RecursionError:
                 raise DataError(
-                    f"{where}: {exc.message}", exc.hint or "fix the record or choose another --template"
-                ) from exc
-        dataset.records.append(record)
-        dataset.origins.append(where)
-    if dataset is None or not dataset.records:
+                    f"{where} is nested too deeply to read",
+                    "flatten the record (real records nest a few levels)",
+                ) from None
+            if _base_type(record_type) not in TYPES:
+                raise DataError(f"{where}: a plugin returned the unknown record type {record_type!r}")
+            if dataset is None:
+                dataset = RawDataset(_base_type(record_type), [], files, hub=hub)
+            elif _base_type(record_type) != dataset.type:
+                raise DataError(
+                    f"{where} is a {record_type} record but earlier records are {dataset.type}",
+                    "a dataset holds one type of record; split it into separate datasets",
+                )
+            if record_type == ALPACA:  # a plugin may still return the legacy "alpaca" type
+                record_format = ALPACA
+            if record_format in _CONVERTED:
+                dataset.converted[record_format] += 1
+            dataset.formats[record_format] += 1
+            if template is not None and dataset.type in ("conversation", "paired_conversation"):
+                try:
+                    for messages in _checked_conversations(record):
+                        template.check(
+                            Conversation.from_messages(messages, record["system"], record.get("tools"))
+                        )
+                except TemplateError as exc:
+                    raise DataError(
+                        f"{where}: {exc.message}", exc.hint or "fix the record or choose another --template"
+                    ) from exc
+            writer.add(record, where)
+            if writer.count % BATCH == 0:
+                progress.show(tally[0], writer.count)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    fingerprint = writer.close()
+    if dataset is None or writer.count == 0:
         raise DataError(f"dataset {path} holds no records", "add records or check the path")
-    return dataset
+    dataset.fingerprint, dataset.seconds, dataset.bytes = fingerprint, time.monotonic() - started, size
+    dataset.columns = list(writer.keys)
+    dataset.save_meta(directory)
+    return RawDataset.from_directory(directory)
 
 
-def _file_items(files: list[Path], dataset_format: str) -> Any:
+def _file_items(files: list[Path], dataset_format: str, tally: list[int]) -> Any:
     """``(where, declared type, item, file)`` for every record of ``files``, read one file at a time."""
     for file in files:
-        kind, items = _read_file(file)
+        kind, items = _read_file(file, tally)
         if kind is not None and dataset_format not in ("auto", "lmflow"):
             raise DataError(
                 f'{file} is an LMFlow dataset ("type": "{kind}"), not {FORMAT_NAMES[dataset_format]}',
@@ -333,50 +484,265 @@ def _file_items(files: list[Path], dataset_format: str) -> Any:
             yield f"{file}: {label}", kind, item, file
 
 
-def _read_file(file: Path) -> tuple[str | None, list[tuple[str, Any]]]:
-    """``(declared type or None, [(label, item), ...])`` of one file; labels say where an item is."""
-    text = read_input_text(
+def _read_file(file: Path, tally: list[int]) -> tuple[str | None, Iterator[tuple[str, Any]]]:
+    """``(declared type or None, iterator of (label, item))`` of one file, read as a stream: the file is never
+    held whole, only the record being parsed (and a read-ahead of a few MiB). Labels say where an item is."""
+    if (data_suffix(file) or "").startswith(".jsonl"):
+        return None, _jsonl_items(file, tally)
+    items = _json_items(file, tally)
+    return next(items), items  # the first value is the declared type (None for a list of records)
+
+
+def _open(file: Path) -> Any:
+    return open_input_stream(
         file, "dataset", "pass a regular .json or .jsonl file", DataError, DATASET_FILE_LIMIT, decompress=True
     )
-    if (data_suffix(file) or "").startswith(".jsonl"):
-        items = []
-        for number, line in enumerate(text.splitlines(), 1):
+
+
+def _not_utf8(file: Path, byte: int) -> DataError:
+    return DataError(f"dataset {file} is not UTF-8 text (byte {byte})", "re-encode the file as UTF-8")
+
+
+def _too_long(file: Path, label: str) -> DataError:
+    return DataError(
+        f"{file}: {label} holds more than the {format_bytes(RECORD_LIMIT)} lmflow reads as one record (or is not "
+        "valid JSON)",
+        "check the record; a record this large is not a training example",
+    )
+
+
+def _jsonl_items(file: Path, tally: list[int]) -> Iterator[tuple[str, Any]]:
+    with _open(file) as stream:
+        number, offset = 0, 0
+        while True:
+            raw = stream.readline(RECORD_LIMIT + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > RECORD_LIMIT and not raw.endswith(b"\n"):
+                raise _too_long(file, f"line {number}")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(file, offset + exc.start) from None
+            offset += len(raw)
+            tally[0] += len(raw)
             if not line.strip():
                 continue
             try:
-                items.append((f"line {number}", json.loads(line)))
+                item = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{file}: line {number} is not valid JSON ({exc.msg})", "fix that line"
                 ) from exc
             except RecursionError:
                 raise _too_deep(file, line, f"line {number}") from None
-        return None, items
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+            yield f"line {number}", item
+
+
+_MISSING = object()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+_NOT_LMFLOW = (
+    'is neither an LMFlow dataset ({"type", "instances"}) nor a list of records',
+    "see README, Data formats",
+)
+
+
+class _JsonText:
+    """A JSON document read as a stream: values are parsed one at a time (``json``'s own decoder, on a buffer
+    that holds the value being read and a chunk of read-ahead), and errors give the line and column in the
+    file."""
+
+    def __init__(self, stream: Any, file: Path, tally: list[int]):
+        self.stream, self.file, self.tally = stream, file, tally
+        self.buffer, self.pos, self.eof = "", 0, False
+        self.line, self.column = 1, 0  # where buffer[0] is in the file (column: characters before it)
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.bytes = 0
+
+    def fill(self, size: int = _READ_AHEAD) -> bool:
+        """Read ``size`` more bytes (dropping what was consumed); whether anything was read."""
+        if self.eof:
+            return False
+        if self.pos:
+            dropped = self.buffer[: self.pos]
+            newlines = dropped.count("\n")
+            if newlines:
+                self.line += newlines
+                self.column = len(dropped) - dropped.rfind("\n") - 1
+            else:
+                self.column += len(dropped)
+            self.buffer, self.pos = self.buffer[self.pos :], 0
+        data = self.stream.read(size)
+        try:
+            text = self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(self.file, self.bytes + exc.start) from None
+        self.bytes += len(data)
+        self.tally[0] += len(data)
+        self.eof = not data
+        self.buffer += text
+        return bool(data)
+
+    def where(self, pos: int) -> tuple[int, int]:
+        """The line and column (both from 1) of ``buffer[pos]`` in the file."""
+        newlines = self.buffer.count("\n", 0, pos)
+        if newlines:
+            return self.line + newlines, pos - self.buffer.rfind("\n", 0, pos)
+        return self.line, self.column + pos + 1
+
+    def invalid(self, pos: int, message: str) -> DataError:
+        line, column = self.where(pos)
+        return DataError(
+            f"{self.file} is not valid JSON (line {line}, column {column}: {message})", "fix the syntax"
+        )
+
+    def peek(self) -> str:
+        """The next character that is not whitespace ("" at the end of the file), not consumed."""
+        while True:
+            self.pos = _WHITESPACE.match(self.buffer, self.pos).end()
+            if self.pos < len(self.buffer):
+                return self.buffer[self.pos]
+            if not self.fill() and self.pos >= len(self.buffer):
+                return ""
+
+    def take(self, expected: str, message: str) -> str:
+        """Consume the next character, which must be one of ``expected``."""
+        char = self.peek()
+        if not char or char not in expected:
+            raise self.invalid(self.pos, message)
+        self.pos += 1
+        return char
+
+    def value(self, label: str | None = None, depth: int = 0) -> Any:
+        """Parse the next value; a value cut by the read-ahead is read again with more text."""
+        self.peek()
+        size = _READ_AHEAD
+        while True:
+            try:
+                item, end = _DECODER.raw_decode(self.buffer, self.pos)
+            except json.JSONDecodeError as exc:
+                if self.eof:
+                    raise self.invalid(exc.pos, exc.msg) from None
+                if len(self.buffer) - self.pos > RECORD_LIMIT:
+                    raise _too_long(self.file, label or "a value") from None
+                self.fill(size)
+                size *= 2  # a large value is read again a few times, not once per chunk
+                continue
+            except RecursionError:
+                raise self.too_deep(label, depth) from None
+            if end == len(self.buffer) and not self.eof:  # a number at the end may go on in the next chunk
+                self.fill(size)
+                continue
+            self.pos = end
+            return item
+
+    def too_deep(self, label: str | None, depth: int) -> DataError:
+        """The error for a value (``depth`` levels down in the file) nesting deeper than ``MAX_DEPTH``."""
+        spot = _deep_spot(self.buffer[self.pos :], MAX_DEPTH - depth)
+        line, column = self.where(self.pos)
+        if spot is not None:
+            column = column + spot[1] - 1 if spot[0] == 1 else spot[1]
+            line += spot[0] - 1
+        return DataError(
+            f"{self.file}: {label + ', ' if label else ''}line {line}, column {column} nests JSON more than "
+            f"{MAX_DEPTH} levels deep, deeper than lmflow reads",
+            "flatten the record (real records nest a few levels)",
+        )
+
+    def items(self, name: str, depth: int = 1) -> Iterator[tuple[str, Any]]:
+        """The elements of the list that starts here, as ``("{name} {i}", element)``."""
+        self.take("[", "Expecting '['")
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        index = 0
+        while True:
+            label = f"{name} {index}"
+            yield label, self.value(label, depth)
+            index += 1
+            if self.take(",]", "Expecting ',' delimiter") == "]":
+                return
+
+    def key(self) -> str:
+        if self.peek() != '"':
+            raise self.invalid(self.pos, "Expecting property name enclosed in double quotes")
+        name = self.value()
+        self.take(":", "Expecting ':' delimiter")
+        return name
+
+    def end(self) -> None:
+        if self.peek():
+            raise self.invalid(self.pos, "Extra data")
+
+
+def _json_items(file: Path, tally: list[int], declared: str | None = None) -> Iterator[Any]:
+    """The declared type (``None`` for a list of records), then ``(label, item)`` for each record of a
+    ``.json`` file: a list of records or an LMFlow ``{"type", "instances"}`` object. Where ``"type"`` comes
+    after ``"instances"``, the instances are parsed once to find it (without being kept) and read again."""
+    deferred, type_value = False, _MISSING
+    with _open(file) as stream:
+        text = _JsonText(stream, file, tally)
+        first = text.peek()
+        if first == "[":
+            yield None
+            yield from text.items("record")
+            text.end()
+            return
+        if first != "{":
+            if not first:
+                raise text.invalid(text.pos, "Expecting value")
+            text.value()
+            text.end()
+            raise DataError(f"{file} {_NOT_LMFLOW[0]}", _NOT_LMFLOW[1])
+        text.take("{", "Expecting '{'")
+        found = False
+        if text.peek() == "}":
+            text.pos += 1
+        else:
+            while True:
+                name = text.key()
+                if name == "instances":
+                    if text.peek() != "[":
+                        text.value()
+                        raise DataError(f'{file}: "instances" must be a list of records')
+                    if found:
+                        raise DataError(f'{file} holds "instances" twice', "keep one list of instances")
+                    found = True
+                    if declared is not None:
+                        yield declared
+                        yield from text.items("instance", 2)
+                    elif type_value is not _MISSING:
+                        yield _lmflow_type(file, type_value)
+                        yield from text.items("instance", 2)
+                    else:  # "type" comes later: find it, then read the instances again
+                        for _ in text.items("instance", 2):
+                            pass
+                        deferred = True
+                elif name == "type":
+                    type_value = text.value()
+                else:
+                    text.value()
+                if text.take(",}", "Expecting ',' delimiter") == "}":
+                    break
+        text.end()
+        if not found:
+            raise DataError(f"{file} {_NOT_LMFLOW[0]}", _NOT_LMFLOW[1])
+    if deferred:
+        yield from _json_items(
+            file, tally, _lmflow_type(file, None if type_value is _MISSING else type_value)
+        )
+
+
+def _lmflow_type(file: Path, kind: Any) -> str:
+    kind = _TYPE_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
+    if kind not in TYPES:
         raise DataError(
-            f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})", "fix the syntax"
-        ) from exc
-    except RecursionError:
-        raise _too_deep(file, text) from None
-    if isinstance(data, list):
-        return None, [(f"record {i}", item) for i, item in enumerate(data)]
-    if isinstance(data, dict) and "instances" in data:
-        kind = data.get("type")
-        kind = _TYPE_ALIASES.get(kind, kind)
-        if kind not in TYPES:
-            raise DataError(
-                f'{file}: "type" is {kind!r}; expected one of {", ".join(TYPES)}',
-                "set the dataset type at the top of the file",
-            )
-        if not isinstance(data["instances"], list):
-            raise DataError(f'{file}: "instances" must be a list of records')
-        return kind, [(f"instance {i}", item) for i, item in enumerate(data["instances"])]
-    raise DataError(
-        f'{file} is neither an LMFlow dataset ({{"type", "instances"}}) nor a list of records',
-        "see README, Data formats",
-    )
+            f'{file}: "type" is {kind!r}; expected one of {", ".join(TYPES)}',
+            "set the dataset type at the top of the file",
+        )
+    return kind
 
 
 def _too_deep(file: Path, text: str, label: str | None = None) -> DataError:

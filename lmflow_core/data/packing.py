@@ -137,14 +137,17 @@ def pack_dataset(dataset: Any, block_size: int, chunk_size: int = 1000) -> tuple
             f"--packing cannot combine examples that carry extra columns ({', '.join(extra)})",
             "drop --packing, or the plugin that adds these columns",
         )
-    tokens = sum(len(ids) for ids in dataset["input_ids"])
+    from .store import scratch_dir
+
+    # Counted and packed a chunk at a time, the rows written to a file: memory holds a chunk, not the dataset.
+    tokens = sum(len(ids) for batch in dataset.iter(batch_size=10_000) for ids in batch["input_ids"])
     packed = dataset.map(
         pack_examples,
         fn_kwargs={"block_size": block_size},
         batched=True,
         batch_size=chunk_size,
         remove_columns=dataset.column_names,
-        keep_in_memory=True,
+        cache_file_name=str(scratch_dir() / "packed.arrow"),
         load_from_cache_file=False,
         desc="Packing",
     )

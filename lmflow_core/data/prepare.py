@@ -20,11 +20,10 @@ tokenizer, the template and the settings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
-import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,8 +33,15 @@ from typing import Any
 from ..errors import DataError
 from ..templates import Conversation, Segment, Template, encode_segments, render_text
 from .formats import PAIRED_TYPES, RawDataset
+from .store import BATCH, Records, RecordWriter, cache_root, commit, entry_lock, scratch_dir, staging_dir
+from .store import COLUMN as RECORD_COLUMN
 
-CACHE_FORMAT = "lmflow-data-v5"  # bump when tokenization changes, so old caches are not reused
+#: Datasets of fewer records are tokenized in one process by default.
+PARALLEL_FROM = 10_000
+#: Tokenizing this many records or more shows a progress bar (in a terminal).
+PROGRESS_FROM_RECORDS = 50_000
+
+CACHE_FORMAT = "lmflow-data-v6"  # bump when tokenization changes, so old caches are not reused
 IGNORE_INDEX = -100
 TEXT_FIELDS = ("text", "input", "output", "system", "messages", "tools", "prompt", "chosen", "rejected")
 #: The columns of the rejected answer of a preference pair (the chosen one is in input_ids/labels).
@@ -76,16 +82,20 @@ class DataStats:
 
 
 def tokenization_workers(requested: int | None, records: int) -> int:
-    """How many processes tokenize ``records`` records: ``requested`` (default one), never more than one per
-    record. One is the default because the tokenized examples travel back from the worker processes in
-    memory: on two cores, 20,000 conversations took 20.5 s with two processes and 19.0 s with one."""
-    return max(1, min(requested or 1, records))
+    """How many processes tokenize ``records`` records: ``requested``, by default the cores available (one for
+    fewer than :data:`PARALLEL_FROM` records, where starting processes costs more than it saves); never more
+    than one per record."""
+    if requested is None:
+        requested = available_cores() if records >= PARALLEL_FROM else 1
+    return max(1, min(requested, records))
 
 
-def cache_root() -> Path:
-    """Where tokenized datasets are cached (``$LMFLOW_CACHE/datasets``)."""
-    base = os.environ.get("LMFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmflow")
-    return Path(base) / "datasets"
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 #: Renders a conversation: ``(template, conversation, add_generation_prompt=False) -> segments``.
@@ -106,6 +116,11 @@ def tokenize_dataset(
 ) -> tuple[Any, DataStats]:
     """Tokenize ``raw`` into a ``datasets.Dataset`` of ``input_ids``, ``labels``, ``attention_mask``.
 
+    The examples are written to Arrow files batch by batch (by ``workers`` processes) and handed back
+    memory-mapped: memory holds a batch per process, never the dataset. With ``use_cache`` the files are the
+    cache entry (``$LMFLOW_CACHE/datasets/KEY``); one process prepares an entry while others asking for it
+    wait, then read it.
+
     Args:
         format_conversation: renders a conversation with the template (the ``format_conversation`` hook);
             defaults to ``template.render``.
@@ -116,26 +131,74 @@ def tokenize_dataset(
 
     Returns the dataset and its :class:`DataStats`.
     """
-    import datasets
-
     if raw.uses_template and template is None:
         raise ValueError("conversation data needs a template")
+    key = _cache_key(raw, tokenizer, block_size, template, group_texts, cache_extra + f"|truncate={truncate}")
+    cache_dir = cache_root() / key
+    with entry_lock(key) if use_cache else contextlib.nullcontext():
+        if use_cache and (cache_dir / "stats.json").is_file():
+            try:
+                data, stats = _load_examples(cache_dir)
+            except (OSError, ValueError, KeyError, TypeError):  # a damaged entry is prepared again
+                pass
+            else:
+                # Records of two formats can normalise alike (ShareGPT and its OpenAI twin) and share an entry.
+                stats.cached, stats.converted = True, dict(raw.converted)
+                return data, stats
+        try:
+            staging = staging_dir(cache_root()) if use_cache else scratch_dir()
+        except OSError:  # the cache cannot be written
+            staging, use_cache = scratch_dir(), False
+        try:
+            stats = _tokenize(
+                raw,
+                tokenizer,
+                block_size,
+                template,
+                format_conversation,
+                group_texts,
+                truncate,
+                workers,
+                key,
+                staging,
+            )
+            if not use_cache:
+                return _load_examples(staging)[0], stats
+            commit(staging, cache_dir)
+        finally:
+            if use_cache:
+                shutil.rmtree(staging, ignore_errors=True)
+        data, stats = _load_examples(cache_dir)
+    return data, stats
+
+
+def _tokenize(
+    raw: RawDataset,
+    tokenizer: Any,
+    block_size: int,
+    template: Template | None,
+    format_conversation: Formatter | None,
+    group_texts: bool,
+    truncate: bool,
+    workers: int | None,
+    key: str,
+    directory: Path,
+) -> DataStats:
+    """Tokenize ``raw`` into ``directory`` (``data/*.arrow``, ``stats.json``, ``layout.json``)."""
+    import json
+
     render = format_conversation or (
         lambda t, c, add_generation_prompt=False: t.render(c, add_generation_prompt, tokenizer)
     )
     paired = raw.type in PAIRED_TYPES
-    key = _cache_key(raw, tokenizer, block_size, template, group_texts, cache_extra + f"|truncate={truncate}")
-    cache_dir = cache_root() / key
-    if use_cache and (cache_dir / "stats.json").is_file():
-        import json
-
-        stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
-        # Records of two formats can normalise alike (ShareGPT and its OpenAI twin) and share a cache entry.
-        stats.cached, stats.converted = True, dict(raw.converted)
-        return datasets.load_from_disk(str(cache_dir / "data")), stats
-
-    started = time.monotonic()
+    grouping = raw.type == "text_only" and group_texts and truncate
+    # Columns a plugin's normalize_record added (e.g. image paths) travel with their examples; each example
+    # then also keeps ``full_length``, its token count before the cut.
+    extra = [c for c in record_columns(raw) if c not in TEXT_FIELDS]
+    keep_full_length = truncate and not grouping and bool(extra)
+    types = _column_types(raw, extra)
     eos = tokenizer.eos_token_id
+    started = time.monotonic()
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
         if paired:
@@ -162,101 +225,214 @@ def tokenize_dataset(
 
     def finish(batch: dict[str, list]) -> dict[str, list]:
         """Cut to the block size; add the attention mask and the per-example numbers the stats need."""
+        full = batch.pop("_full_length")  # counted before the cut
         if grouping:
-            batch = {key: batch[key] for key in ("input_ids", "labels")}
-            batch = _group(batch, block_size)
-        elif not truncate:
-            batch = dict(batch)
-        else:
-            batch = dict(batch)
+            batch = _group({key: batch[key] for key in ("input_ids", "labels")}, block_size)
+        elif truncate:
             for key in ("input_ids", "labels") + (REJECTED_COLUMNS[:2] if paired else ()):
                 batch[key] = [x[:block_size] for x in batch[key]]
-        full = batch.pop("_full_length", None)  # counted before the cut
-        if keep_full_length:  # a plugin's columns may need to know what the cut removed (image tokens...)
-            batch["full_length"] = full
         ids = batch["input_ids"]
         batch["attention_mask"] = [[1] * len(x) for x in ids]
-        batch["_trained"] = [sum(t != IGNORE_INDEX for t in x) for x in batch["labels"]]
+        batch["_trained"] = [len(x) - x.count(IGNORE_INDEX) for x in batch["labels"]]
         batch["_max_id"] = [max(x, default=-1) for x in ids]
         batch["_length"] = [len(x) for x in ids]
         if paired:  # a pair's trained tokens are both answers'; it is kept only when each answer has one
             rejected = batch["rejected_input_ids"]
             batch["rejected_attention_mask"] = [[1] * len(x) for x in rejected]
-            rejected_trained = [sum(t != IGNORE_INDEX for t in x) for x in batch["rejected_labels"]]
+            rejected_trained = [len(x) - x.count(IGNORE_INDEX) for x in batch["rejected_labels"]]
             batch["_trained"] = [n + m if n and m else 0 for n, m in zip(batch["_trained"], rejected_trained)]
             batch["_max_id"] = [max(m, max(x, default=-1)) for m, x in zip(batch["_max_id"], rejected)]
             batch["_length"] = [n + len(x) for n, x in zip(batch["_length"], rejected)]
+        if keep_full_length:  # a plugin's columns may need to know what the cut removed (image tokens...)
+            batch["full_length"] = full
+        # The records' lengths before the cut, for the statistics: with grouping the rows are blocks, so a
+        # batch's lengths ride on its first block.
+        batch["_full_lengths"] = [full] + [[] for _ in ids[1:]] if grouping else [[n] for n in full]
         return batch
 
-    grouping = raw.type == "text_only" and group_texts and truncate
-    source = datasets.Dataset.from_list(raw.records)
-    # Columns a plugin's normalize_record added (e.g. image paths) travel with their examples.
-    text_columns = [c for c in source.column_names if c in TEXT_FIELDS]
-    # With such columns each example also keeps ``full_length``, its token count before the cut.
-    keep_full_length = truncate and not grouping and len(text_columns) < len(source.column_names)
+    def work(batch: dict[str, list]) -> dict[str, Any]:
+        records = [json.loads(text) for text in batch[RECORD_COLUMN]]
+        columns = {name: [r.get(name) for r in records] for name in record_columns(raw)}
+        encoded = encode(columns)
+        for name in extra:
+            encoded[name] = columns[name]
+        return _typed(finish(encoded), types)
+
+    source = _source(raw, directory)
     processes = tokenization_workers(workers, len(source))
-    encoded = source.map(
-        encode,
-        batched=True,
-        batch_size=512,
-        remove_columns=text_columns,
-        keep_in_memory=True,
-        load_from_cache_file=False,
-        num_proc=processes if processes > 1 else None,
-        # The cache key names the result; without it datasets would pickle the whole closure (the tokenizer,
-        # the plugins' hooks) to fingerprint every map, several seconds on a large dataset.
-        new_fingerprint=f"{key}-tokenized",
-        desc="Tokenizing",
-    )
-    full_lengths = sorted(encoded["_full_length"])
-    finished = encoded.map(
-        finish,
-        batched=True,
-        batch_size=1000,
-        keep_in_memory=True,
-        load_from_cache_file=False,
-        remove_columns=encoded.column_names if grouping else ["_full_length"],
-        new_fingerprint=f"{key}-cut",
-        desc="Cutting to block size",
-    )
-    trained = finished["_trained"]
+    if processes > 1:  # the tokenizer's own threads would be forked with the processes
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    (directory / "data").mkdir(parents=True, exist_ok=True)
+    with _map_progress(len(source)):
+        mapped = source.map(
+            work,
+            batched=True,
+            batch_size=BATCH,
+            remove_columns=source.column_names,
+            cache_file_name=str(directory / "data" / "examples.arrow"),
+            load_from_cache_file=False,
+            num_proc=processes if processes > 1 else None,
+            # The cache key names the result; without it datasets would pickle the whole closure (the tokenizer,
+            # the plugins' hooks) to fingerprint the map, several seconds on a large dataset.
+            new_fingerprint=f"{key}-examples",
+            desc="Tokenizing",
+        )
+    stats = _statistics(mapped, raw, block_size, grouping, truncate)
+    stats.workers = processes
+    stats.seconds = round(time.monotonic() - started, 2)
+    (directory / "stats.json").write_text(json.dumps(stats.to_dict()))
+    # With plugin columns the untrained examples stay until the plugins' prepare_dataset has seen them (a cut
+    # image: an error naming the record); the pipeline drops them after it (drop_untrained).
+    (directory / "layout.json").write_text(json.dumps({"drop_untrained": not keep_full_length}))
+    del mapped, source
+    return stats
+
+
+def record_columns(raw: RawDataset) -> list[str]:
+    """The top-level keys of ``raw``'s records (of any record: a plugin's key may be absent from some)."""
+    if raw.columns is not None:
+        return list(raw.columns)
+    names: dict[str, None] = {}
+    for record in raw.records:
+        names.update(dict.fromkeys(record))
+    return list(names)
+
+
+def _source(raw: RawDataset, directory: Path) -> Any:
+    """``raw``'s records as a dataset with one column of JSON texts: the Arrow file they were read into, or
+    (records given as a list) a file written here."""
+    import datasets
+
+    if isinstance(raw.records, Records):
+        return raw.records.dataset
+    writer = RecordWriter(directory / "records.arrow")
+    for i, record in enumerate(raw.records):
+        writer.add(record, f"record {i}")
+    writer.close()
+    return datasets.Dataset.from_file(str(directory / "records.arrow"))
+
+
+_TYPES = {
+    "input_ids": "int32",
+    "labels": "int32",
+    "attention_mask": "int8",
+    "rejected_input_ids": "int32",
+    "rejected_labels": "int32",
+    "rejected_attention_mask": "int8",
+    "_full_lengths": "int64",
+}
+
+
+def _typed(batch: dict[str, list], types: dict[str, Any]) -> Any:
+    """The batch as an Arrow table, token columns as lists of small integers (a token id fits 32 bits, a mask
+    8): a third of the disk and page cache of the default 64-bit lists. A plugin's column gets the type of its
+    first value in the dataset (``types``), so a batch where it is always absent has that type too."""
+    import pyarrow as pa
+
+    columns = {}
+    for name, values in batch.items():
+        if name in _TYPES:
+            columns[name] = pa.array(values, pa.list_(getattr(pa, _TYPES[name])()))
+        else:
+            columns[name] = pa.array(values, types.get(name))
+    return pa.table(columns)
+
+
+def _column_types(raw: RawDataset, names: list[str]) -> dict[str, Any]:
+    """The Arrow type of each of a plugin's columns ``names``: that of its first value that is not null."""
+    import pyarrow as pa
+
+    types: dict[str, Any] = {}
+    if not names:
+        return types
+    for record in raw.records:
+        for name in names:
+            if name not in types and record.get(name) is not None:
+                types[name] = pa.array([record[name]]).type
+        if len(types) == len(names):
+            break
+    return types
+
+
+def _statistics(mapped: Any, raw: RawDataset, block_size: int, grouping: bool, truncate: bool) -> DataStats:
+    """The :class:`DataStats` of a tokenized dataset, from its Arrow columns (no Python list per example)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = mapped.data
+
+    def column(name: str) -> Any:
+        return table.column(name).to_numpy() if len(table) else np.zeros(0, dtype=np.int64)
+
+    full = pc.list_flatten(table.column("_full_lengths")).to_numpy() if len(table) else np.zeros(0)
+    trained, lengths = column("_trained"), column("_length")
+    kept = trained > 0
+    full = np.sort(full)
     stats = DataStats(
         type=raw.type,
         records=len(raw),
-        examples=0,
+        examples=int(kept.sum()),
         block_size=block_size,
         converted=dict(raw.converted),
-        truncated=0 if grouping or not truncate else sum(n > block_size for n in full_lengths),
-        dropped_untrained=sum(n == 0 for n in trained),
-        trained_tokens=sum(trained),
-        max_token_id=max(finished["_max_id"], default=-1),
+        truncated=0 if grouping or not truncate else int((full > block_size).sum()),
+        dropped_untrained=int((~kept).sum()),
+        trained_tokens=int(trained.sum()),
+        tokens=int(lengths[kept].sum()),
+        max_token_id=int(column("_max_id").max()) if len(table) else -1,
     )
-    if full_lengths:
-        stats.length_min, stats.length_max = full_lengths[0], full_lengths[-1]
-        stats.length_mean = round(statistics.fmean(full_lengths), 2)
-        stats.length_median = statistics.median(full_lengths)
-        stats.length_p95 = full_lengths[min(len(full_lengths) - 1, int(0.95 * len(full_lengths)))]
-    # With plugin columns the untrained examples stay until the plugins' prepare_dataset has seen them (a cut
-    # image: an error naming the record); the pipeline drops them after it (drop_untrained).
-    if stats.dropped_untrained and not keep_full_length:
-        finished = finished.filter(
-            lambda b: [n > 0 for n in b["_trained"]],
+    if len(full):
+        stats.length_min, stats.length_max = int(full[0]), int(full[-1])
+        stats.length_mean = round(float(full.mean()), 2)
+        stats.length_median = float(np.median(full))
+        if stats.length_median.is_integer():
+            stats.length_median = int(stats.length_median)
+        stats.length_p95 = int(full[min(len(full) - 1, int(0.95 * len(full)))])
+    return stats
+
+
+_INTERNAL = ["_trained", "_max_id", "_length", "_full_lengths"]
+
+
+def _load_examples(directory: Path) -> tuple[Any, DataStats]:
+    """The examples :func:`_tokenize` wrote to ``directory``, memory-mapped, and their statistics."""
+    import json
+
+    import datasets
+
+    stats = DataStats(**json.loads((directory / "stats.json").read_text()))
+    layout = json.loads((directory / "layout.json").read_text())
+    files = sorted((directory / "data").glob("examples*.arrow"))
+    if not files:
+        raise ValueError("no examples")
+    parts = [datasets.Dataset.from_file(str(f)) for f in files]
+    data = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if stats.dropped_untrained and layout["drop_untrained"]:
+        data = data.filter(
+            lambda trained: [n > 0 for n in trained],
+            input_columns=["_trained"],
             batched=True,
-            keep_in_memory=True,
-            load_from_cache_file=False,
-            new_fingerprint=f"{key}-kept",
+            batch_size=10_000,
+            keep_in_memory=True,  # only the kept rows' indices
         )
-    kept = [n > 0 for n in finished["_trained"]]
-    stats.tokens = sum(n for n, keep in zip(finished["_length"], kept) if keep)
-    stats.examples = sum(kept)
-    stats.workers = processes
-    stats.seconds = round(time.monotonic() - started, 2)
-    encoded = finished.remove_columns(["_trained", "_max_id", "_length"])
-    if use_cache and _save_cache(cache_dir, encoded, stats):
-        # The saved copy, memory-mapped, as a cached run gets it: the tokenizing passes' memory goes back.
-        encoded = datasets.load_from_disk(str(cache_dir / "data"))
-    release_memory()
-    return encoded, stats
+    return data.remove_columns(_INTERNAL), stats
+
+
+@contextlib.contextmanager
+def _map_progress(records: int) -> Any:
+    """``datasets``' own progress bar for a long tokenization (in a terminal; see ``PROGRESS_FROM_RECORDS``)."""
+    import sys
+
+    import datasets
+
+    show = sys.stderr.isatty() and records >= PROGRESS_FROM_RECORDS
+    was = datasets.is_progress_bar_enabled()
+    if show:
+        datasets.enable_progress_bars()
+    try:
+        yield
+    finally:
+        if show and not was:
+            datasets.disable_progress_bars()
 
 
 def release_memory() -> None:
@@ -372,7 +548,8 @@ def _group(batch: dict[str, list], block_size: int) -> dict[str, list]:
 def _cache_key(
     raw: RawDataset, tokenizer: Any, block_size: int, template: Template | None, group: bool, extra: str
 ) -> str:
-    """What the tokenized data depends on: the records themselves, the tokenizer, template and settings."""
+    """What the tokenized data depends on: the records themselves (their fingerprint: a hash of their content
+    taken as they were read), the tokenizer, template and settings."""
     import json
 
     from datasets.fingerprint import Hasher
@@ -380,29 +557,10 @@ def _cache_key(
     digest = hashlib.sha256()
     for part in (CACHE_FORMAT, raw.type, str(block_size), str(group), extra, repr(template)):
         digest.update(part.encode() + b"\0")
-    for record in raw.records:
-        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\0")
+    if raw.fingerprint is not None:
+        digest.update(raw.fingerprint.encode())
+    else:
+        for record in raw.records:
+            digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\0")
     digest.update(Hasher.hash(tokenizer).encode())
     return digest.hexdigest()[:32]
-
-
-def _save_cache(cache_dir: Path, dataset: Any, stats: DataStats) -> bool:
-    """Write the tokenized dataset to the cache atomically (a staging directory renamed into place); whether
-    it is there now."""
-    import json
-
-    try:
-        cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_dir.parent))
-    except OSError:
-        return False  # a cache that cannot be written only costs time on the next run
-    try:
-        dataset.save_to_disk(str(staging / "data"))
-        (staging / "stats.json").write_text(json.dumps(stats.to_dict()))
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir, ignore_errors=True)
-        os.replace(staging, cache_dir)
-        return True
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        return False
