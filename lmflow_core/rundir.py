@@ -112,8 +112,6 @@ def plan_output_dir(
     directory is refused, whether or not ``--overwrite`` was given. Nothing is changed here: an error found
     later (a bad template, a missing model) leaves the directory as it was.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir {output_dir} is a file", "choose a directory")
     check_inputs_outside(output_dir, inputs)
@@ -142,6 +140,8 @@ def plan_output_dir(
             )
         return OutputPlan(resume_from=checkpoint, outputs=earlier)
     if config.resume == "latest":
+        from transformers.trainer_utils import get_last_checkpoint  # imports peft: only when resuming
+
         last = get_last_checkpoint(str(output_dir)) if record is not None else None
         if last is None and status == "completed":
             raise ConfigError(

@@ -263,7 +263,7 @@ def _tokenize(
     if processes > 1:  # the tokenizer's own threads would be forked with the processes
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     (directory / "data").mkdir(parents=True, exist_ok=True)
-    with _map_progress(len(source)):
+    with _map_progress(len(source)), _frozen_heap(processes > 1):
         mapped = source.map(
             work,
             batched=True,
@@ -415,6 +415,24 @@ def _load_examples(directory: Path) -> tuple[Any, DataStats]:
             keep_in_memory=True,  # only the kept rows' indices
         )
     return data.remove_columns(_INTERNAL), stats
+
+
+@contextlib.contextmanager
+def _frozen_heap(forking: bool) -> Any:
+    """While worker processes are forked: the objects this process holds are moved out of the garbage
+    collector's reach (``gc.freeze``), so that collections in the workers do not write to them and copy the
+    pages they share with this process (the workers' memory would otherwise grow toward this process's)."""
+    import gc
+
+    if not forking:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @contextlib.contextmanager
