@@ -292,13 +292,20 @@ def load_raw_dataset(
 ) -> RawDataset:
     """Read and validate every record of the dataset at ``path``.
 
+    Files are read as a stream and the validated records written to an Arrow file (``records`` reads them back
+    memory-mapped), so memory does not grow with the dataset. Records read from local files without a
+    ``normalize`` hook are cached under ``$LMFLOW_CACHE/datasets``, keyed by the files' paths and contents and
+    the reading settings: unchanged data is not read again (``cached`` is then set). Processes reading the same
+    data at once take turns: one reads, the others then find it cached.
+
     Args:
         path: a data file, a directory of them, or a Hugging Face hub dataset id (``org/name`` or
             ``org/name:split``) where no local path of that name exists.
         template: when given, every conversation is also checked against it (roles, order, system prompt).
         max_samples: keep only the first N records (after validation of those N).
-        normalize: the ``normalize_record`` hook: ``(record, declared_type, where, data_file)`` -> ``(type, record)`` for
-            record shapes a plugin understands, or ``None`` for the core's own formats.
+        normalize: the ``normalize_record`` hook: ``(record, declared_type, where, data_file)`` ->
+            ``(type, record)`` for record shapes a plugin understands, or ``None`` for the core's own formats.
+            Pass ``None`` when no plugin implements it (records are then cached).
         dataset_format: one of ``DATASET_FORMATS``: ``auto`` detects each record's format from its keys; any
             other value reads every record as that format.
         dataset_config, dataset_revision: the configuration and revision of a hub dataset.

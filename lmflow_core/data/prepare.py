@@ -30,16 +30,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, LmflowError
 from ..templates import Conversation, Segment, Template, encode_segments, render_text
 from .formats import PAIRED_TYPES, RawDataset
-from .store import BATCH, Records, RecordWriter, cache_root, commit, entry_lock, scratch_dir, staging_dir
 from .store import COLUMN as RECORD_COLUMN
+from .store import (
+    Records,
+    RecordWriter,
+    cache_root,
+    commit,
+    entry_lock,
+    records_progress,
+    scratch_dir,
+    staging_dir,
+)
 
 #: Datasets of fewer records are tokenized in one process by default.
 PARALLEL_FROM = 10_000
-#: Tokenizing this many records or more shows a progress bar (in a terminal).
-PROGRESS_FROM_RECORDS = 50_000
 
 CACHE_FORMAT = "lmflow-data-v6"  # bump when tokenization changes, so old caches are not reused
 IGNORE_INDEX = -100
@@ -258,25 +265,11 @@ def _tokenize(
             encoded[name] = columns[name]
         return _typed(finish(encoded), types)
 
-    source = _source(raw, directory)
-    processes = tokenization_workers(workers, len(source))
-    if processes > 1:  # the tokenizer's own threads would be forked with the processes
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    records = _source(raw, directory)
+    processes = tokenization_workers(workers, len(records))
     (directory / "data").mkdir(parents=True, exist_ok=True)
-    with _map_progress(len(source)), _frozen_heap(processes > 1):
-        mapped = source.map(
-            work,
-            batched=True,
-            batch_size=BATCH,
-            remove_columns=source.column_names,
-            cache_file_name=str(directory / "data" / "examples.arrow"),
-            load_from_cache_file=False,
-            num_proc=processes if processes > 1 else None,
-            # The cache key names the result; without it datasets would pickle the whole closure (the tokenizer,
-            # the plugins' hooks) to fingerprint the map, several seconds on a large dataset.
-            new_fingerprint=f"{key}-examples",
-            desc="Tokenizing",
-        )
+    _encode_batches(records, work, directory / "data", processes)
+    mapped = _load_parts(directory)
     stats = _statistics(mapped, raw, block_size, grouping, truncate)
     stats.workers = processes
     stats.seconds = round(time.monotonic() - started, 2)
@@ -284,7 +277,7 @@ def _tokenize(
     # With plugin columns the untrained examples stay until the plugins' prepare_dataset has seen them (a cut
     # image: an error naming the record); the pipeline drops them after it (drop_untrained).
     (directory / "layout.json").write_text(json.dumps({"drop_untrained": not keep_full_length}))
-    del mapped, source
+    del mapped
     return stats
 
 
@@ -298,18 +291,95 @@ def record_columns(raw: RawDataset) -> list[str]:
     return list(names)
 
 
-def _source(raw: RawDataset, directory: Path) -> Any:
-    """``raw``'s records as a dataset with one column of JSON texts: the Arrow file they were read into, or
-    (records given as a list) a file written here."""
-    import datasets
-
+def _source(raw: RawDataset, directory: Path) -> Records:
+    """``raw``'s records as an Arrow file of JSON texts: the one they were read into, or (records given as a
+    list) one written here."""
     if isinstance(raw.records, Records):
-        return raw.records.dataset
+        return raw.records
     writer = RecordWriter(directory / "records.arrow")
     for i, record in enumerate(raw.records):
         writer.add(record, f"record {i}")
     writer.close()
-    return datasets.Dataset.from_file(str(directory / "records.arrow"))
+    return Records(directory / "records.arrow")
+
+
+#: Record batches one task tokenizes (one output file each): small enough for an even share among the
+#: processes and a live progress bar, large enough that a million records make a hundred files or so.
+TASK_BATCHES = 8
+_JOB: dict[
+    str, Any
+] = {}  # the task's function and files, inherited by forked workers (closures do not pickle)
+
+
+def _encode_batches(records: Records, work: Callable, directory: Path, processes: int) -> None:
+    """Run ``work`` on every batch of ``records``, writing the results to ``directory/examples-NNNNNN.arrow``
+    (in order), with ``processes`` forked processes; each reads its batches from the file and writes its own
+    files, so memory holds a few batches per process whatever the dataset's size."""
+    import multiprocessing
+
+    tasks = [
+        (n, first, first + TASK_BATCHES) for n, first in enumerate(range(0, records.batches, TASK_BATCHES))
+    ]
+    _JOB.update(work=work, records=records, directory=directory)
+    progress = records_progress(len(records), "Tokenizing")
+    try:
+        if processes > 1 and len(tasks) > 1 and "fork" in multiprocessing.get_all_start_methods():
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer's threads do not fork
+            context = multiprocessing.get_context("fork")
+            with _frozen_heap(), context.Pool(min(processes, len(tasks))) as pool:
+                outcomes = pool.imap_unordered(_encode_task, tasks)
+                _collect(outcomes, progress)
+        else:
+            _collect(map(_encode_task, tasks), progress)
+    finally:
+        _JOB.clear()
+        progress.close()
+
+
+def _collect(outcomes: Any, progress: Any) -> None:
+    done = 0
+    for outcome in outcomes:
+        if outcome[0] == "error":  # a user's problem found in a worker: raised here as it was there
+            raise DataError(outcome[1], outcome[2])
+        done += outcome[1]
+        progress.show(done, done)
+
+
+def _encode_task(task: tuple[int, int, int]) -> tuple[Any, ...]:
+    """One task of :func:`_encode_batches`: ``("done", records)`` or ``("error", message, hint)``."""
+    import pyarrow as pa
+
+    number, first, stop = task
+    work, records, directory = _JOB["work"], _JOB["records"], _JOB["directory"]
+    path = directory / f"examples-{number:06d}.arrow"
+    count, writer, sink, schema = 0, None, None, None
+    try:
+        for texts in records.texts(first, stop):
+            table = work({RECORD_COLUMN: texts})
+            if writer is None:
+                schema, sink = table.schema, pa.OSFile(str(path), "wb")
+                writer = pa.ipc.new_stream(sink, schema)
+            writer.write_table(table if table.schema == schema else table.cast(schema))
+            count += len(texts)
+    except LmflowError as exc:
+        return ("error", exc.message, exc.hint)
+    finally:
+        if writer is not None:
+            writer.close()
+        if sink is not None:
+            sink.close()
+    return ("done", count)
+
+
+def _load_parts(directory: Path) -> Any:
+    """The examples written to ``directory/data``, memory-mapped, in order."""
+    import datasets
+
+    files = sorted((directory / "data").glob("examples*.arrow"))
+    if not files:
+        raise ValueError("no examples")
+    parts = [datasets.Dataset.from_file(str(f)) for f in files]
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
 _TYPES = {
@@ -397,15 +467,9 @@ def _load_examples(directory: Path) -> tuple[Any, DataStats]:
     """The examples :func:`_tokenize` wrote to ``directory``, memory-mapped, and their statistics."""
     import json
 
-    import datasets
-
     stats = DataStats(**json.loads((directory / "stats.json").read_text()))
     layout = json.loads((directory / "layout.json").read_text())
-    files = sorted((directory / "data").glob("examples*.arrow"))
-    if not files:
-        raise ValueError("no examples")
-    parts = [datasets.Dataset.from_file(str(f)) for f in files]
-    data = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    data = _load_parts(directory)
     if stats.dropped_untrained and layout["drop_untrained"]:
         data = data.filter(
             lambda trained: [n > 0 for n in trained],
@@ -418,39 +482,18 @@ def _load_examples(directory: Path) -> tuple[Any, DataStats]:
 
 
 @contextlib.contextmanager
-def _frozen_heap(forking: bool) -> Any:
+def _frozen_heap() -> Any:
     """While worker processes are forked: the objects this process holds are moved out of the garbage
     collector's reach (``gc.freeze``), so that collections in the workers do not write to them and copy the
     pages they share with this process (the workers' memory would otherwise grow toward this process's)."""
     import gc
 
-    if not forking:
-        yield
-        return
     gc.collect()
     gc.freeze()
     try:
         yield
     finally:
         gc.unfreeze()
-
-
-@contextlib.contextmanager
-def _map_progress(records: int) -> Any:
-    """``datasets``' own progress bar for a long tokenization (in a terminal; see ``PROGRESS_FROM_RECORDS``)."""
-    import sys
-
-    import datasets
-
-    show = sys.stderr.isatty() and records >= PROGRESS_FROM_RECORDS
-    was = datasets.is_progress_bar_enabled()
-    if show:
-        datasets.enable_progress_bars()
-    try:
-        yield
-    finally:
-        if show and not was:
-            datasets.disable_progress_bars()
 
 
 def release_memory() -> None:

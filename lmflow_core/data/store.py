@@ -47,7 +47,7 @@ class RecordWriter:
         self.path = path
         self._schema = pa.schema([(COLUMN, pa.large_string())])
         self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, self._schema)
+        self._writer = pa.ipc.new_file(self._sink, self._schema)  # with a footer: any batch is read alone
         self._pending: list[str] = []
         self._digest = hashlib.sha256()
         self.count = 0
@@ -93,30 +93,45 @@ class RecordWriter:
 
 
 class Records(Sequence):
-    """The records of an Arrow file written by :class:`RecordWriter`, memory-mapped: each record is decoded
-    when it is read. Compares equal to a list of the same records."""
+    """The records of an Arrow file written by :class:`RecordWriter`: each record is decoded when it is read,
+    a batch of :data:`BATCH` at a time, read from the file (not memory-mapped: what was read is freed, so
+    going through a large dataset does not leave it resident). Compares equal to a list of the same records."""
 
     def __init__(self, path: Path):
-        import datasets
+        import pyarrow as pa
 
         self.path = path
-        self.dataset = datasets.Dataset.from_file(str(path))
+        with pa.OSFile(str(path)) as handle:
+            reader = pa.ipc.open_file(handle)
+            self.batches = reader.num_record_batches
+            last = reader.get_batch(self.batches - 1).num_rows if self.batches else 0
+        self._length = (self.batches - 1) * BATCH + last if self.batches else 0
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self._length
+
+    def texts(self, first: int = 0, stop: int | None = None) -> Iterator[list[str]]:
+        """The JSON texts of batches ``first`` to ``stop`` (exclusive; default: to the end), a list a batch."""
+        import pyarrow as pa
+
+        with pa.OSFile(str(self.path)) as handle:
+            reader = pa.ipc.open_file(handle)
+            for index in range(first, self.batches if stop is None else min(stop, self.batches)):
+                yield reader.get_batch(index).column(0).to_pylist()
 
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
-            return [json.loads(text) for text in self.dataset[index][COLUMN]]
+            return [self[i] for i in range(*index.indices(len(self)))]
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return json.loads(self.dataset[index][COLUMN])
+        batch = next(self.texts(index // BATCH, index // BATCH + 1))
+        return json.loads(batch[index % BATCH])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.dataset.iter(batch_size=BATCH):
-            for text in batch[COLUMN]:
+        for texts in self.texts():
+            for text in texts:
                 yield json.loads(text)
 
     def __eq__(self, other: object) -> bool:
@@ -244,15 +259,20 @@ class _Progress:
     """A progress bar on standard error for a long preparation, shown only in a terminal (a log file gets the
     summary line instead)."""
 
-    def __init__(self, total: int | None, description: str, unit: str):
+    def __init__(self, total: int | None, description: str, unit: str, show: bool):
         import sys
 
         self.bar = None
-        if sys.stderr.isatty() and (total is None or total >= PROGRESS_FROM_BYTES):
+        if show and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
-                total=total, desc=description, unit=unit, unit_scale=True, unit_divisor=1024, leave=False
+                total=total,
+                desc=description,
+                unit=unit,
+                unit_scale=True,
+                unit_divisor=1024 if unit == "B" else 1000,
+                leave=False,
             )
 
     def show(self, done: int, records: int) -> None:
@@ -271,4 +291,13 @@ PROGRESS_FROM_BYTES = 32 * 2**20
 
 def reading_progress(total: int | None, description: str) -> _Progress:
     """The progress bar of reading ``total`` bytes of data files (``None``: unknown, compressed files)."""
-    return _Progress(total, description, "B")
+    return _Progress(total, description, "B", total is None or total >= PROGRESS_FROM_BYTES)
+
+
+#: Tokenizing this many records or more shows a progress bar (in a terminal).
+PROGRESS_FROM_RECORDS = 50_000
+
+
+def records_progress(total: int, description: str) -> _Progress:
+    """The progress bar of tokenizing ``total`` records."""
+    return _Progress(total, description, "records", total >= PROGRESS_FROM_RECORDS)
