@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from helpers import conversations, invoke, write_json
@@ -302,6 +303,11 @@ def test_data_check_and_a_run_share_the_tokenization_cache(runner, tmp_path, tin
     second = invoke(runner, "data", "check", path, "--model", tiny_llama, "--json")
     assert first.exit_code == second.exit_code == 0, first.output + second.output
     assert "read from the cache" not in first.output
+    # the first check reports its reading and tokenization: time and throughput
+    assert re.search(
+        r"records: 12, read in \d+\.\ds \(\d+ MB/s\), tokenized in \d+\.\ds \([\d,]+ records/s\)",
+        first.output,
+    )
     assert json.loads(second.stdout)["cached"] is True
     from lmflow_core import run
 
