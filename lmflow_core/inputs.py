@@ -105,29 +105,11 @@ def read_input_file(
     With ``decompress``, a file whose name ends in ``.gz`` (any case) is gunzipped as it is read; it may
     decompress to at most ``GZIP_RATIO`` times its size (or ``GZIP_FLOOR`` bytes), which stops gzip bombs.
     """
-    path = Path(path).expanduser()
-    limit = SMALL_FILE_LIMIT if limit is None else limit
-    with open_input_file(path, what, fix, error) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if not (decompress and path.name.lower().endswith(".gz")):
-            if size > limit:
-                raise error(
-                    f"{what} {path} is {format_bytes(size)}, more than the {format_bytes(limit)} lmflow reads "
-                    "from one file",
-                    _too_large_fix(what),
-                )
-            return _read_at_most(handle, limit, lambda: _too_large(path, what, limit, error))
-        bound = min(limit, max(GZIP_FLOOR, GZIP_RATIO * size))
-        try:
-            with gzip.GzipFile(fileobj=handle, mode="rb") as stream:
-                return _read_at_most(
-                    stream, bound, lambda: _gzip_too_large(path, what, size, bound, limit, error)
-                )
-        except (OSError, EOFError, zlib.error) as exc:
-            raise error(
-                f"{what} {path} is not a valid gzip file ({exc})",
-                "recompress it with gzip, or remove the .gz",
-            ) from None
+    with open_input_stream(path, what, fix, error, limit, decompress) as stream:
+        chunks = []
+        while chunk := stream.read(_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 class _Bounded:
@@ -235,19 +217,6 @@ def _check_regular(path: Path, mode: int, what: str, fix: str, error: type) -> N
     if not stat.S_ISREG(mode):
         target = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
         raise error(f"{what} {path} is {file_kind(mode)}{target}, not a regular file", fix)
-
-
-def _read_at_most(stream: BinaryIO, limit: int, too_large: Callable[[], None]) -> bytes:
-    """Read ``stream`` to its end in chunks; call ``too_large()`` (which raises) past ``limit`` bytes."""
-    chunks, total = [], 0
-    while True:
-        chunk = stream.read(min(_CHUNK, limit + 1 - total))
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > limit:
-            too_large()
 
 
 def _too_large_fix(what: str) -> str:

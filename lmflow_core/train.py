@@ -161,7 +161,6 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     """Run a configured fine-tuning (see :func:`run`)."""
     from .data.pipeline import check_vocabulary, prepare_data
     from .models import model_source
-    from .trainer import build_trainer, save_final, training_arguments
 
     report = (reporter or Reporter(main=is_main_process())).activate()
     hook = run_plugins.hook
@@ -173,6 +172,8 @@ def execute(config: RunConfig, run_plugins: RunPlugins, reporter: Reporter | Non
     plan, template_name, template = checked.plan, checked.template_name, checked.template
     train_raw, eval_raw, block_size = checked.train_raw, checked.eval_raw, checked.block_size
     model_config, resume_from = checked.model_config, checked.plan.resume_from
+    from .trainer import build_trainer, save_final, training_arguments  # after the checks: a mistake is quick
+
     training_args = training_arguments(config, run_plugins, eval_raw is not None)
     # Every process has judged the output directory before the first one writes to it.
     _wait_for_everyone()

@@ -13,9 +13,10 @@ Every example gets ``input_ids``, ``labels`` (-100 where no loss is taken) and `
   multi-turn prompt are not.
 
 Examples longer than the block size are truncated and counted; examples left with no trained token are
-dropped and counted. Both counts are reported, never silent. Tokenization runs batched through ``datasets``
-and is cached under ``$LMFLOW_CACHE`` (default ``~/.cache/lmflow``), keyed by the records' content, the
-tokenizer, the template and the settings.
+dropped and counted. Both counts are reported, never silent. Tokenization runs a batch of records at a time in
+forked processes that write Arrow files (handed on memory-mapped, see :func:`tokenize_dataset`) and is cached
+under ``$LMFLOW_CACHE`` (default ``~/.cache/lmflow``), keyed by the records' content, the tokenizer, the
+template and the settings.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ def tokenize_dataset(
                 key,
                 staging,
             )
+            release_memory()  # what tokenizing in this process allocated goes back to the system
             if not use_cache:
                 return _load_examples(staging)[0], stats
             commit(staging, cache_dir)
