@@ -167,7 +167,6 @@ def tokenize_dataset(
                 group_texts,
                 truncate,
                 workers,
-                key,
                 staging,
             )
             release_memory()  # what tokenizing in this process allocated goes back to the system
@@ -190,7 +189,6 @@ def _tokenize(
     group_texts: bool,
     truncate: bool,
     workers: int | None,
-    key: str,
     directory: Path,
 ) -> DataStats:
     """Tokenize ``raw`` into ``directory`` (``data/*.arrow``, ``stats.json``, ``layout.json``)."""
@@ -203,7 +201,8 @@ def _tokenize(
     grouping = raw.type == "text_only" and group_texts and truncate
     # Columns a plugin's normalize_record added (e.g. image paths) travel with their examples; each example
     # then also keeps ``full_length``, its token count before the cut.
-    extra = [c for c in record_columns(raw) if c not in TEXT_FIELDS]
+    names = record_columns(raw)  # once: for records given as a list this goes through all of them
+    extra = [c for c in names if c not in TEXT_FIELDS]
     keep_full_length = truncate and not grouping and bool(extra)
     types = _column_types(raw, extra)
     eos = tokenizer.eos_token_id
@@ -261,7 +260,7 @@ def _tokenize(
 
     def work(batch: dict[str, list]) -> dict[str, Any]:
         records = [json.loads(text) for text in batch[RECORD_COLUMN]]
-        columns = {name: [r.get(name) for r in records] for name in record_columns(raw)}
+        columns = {name: [r.get(name) for r in records] for name in names}
         encoded = encode(columns)
         for name in extra:
             encoded[name] = columns[name]

@@ -106,6 +106,7 @@ class Records(Sequence):
             self.batches = reader.num_record_batches
             last = reader.get_batch(self.batches - 1).num_rows if self.batches else 0
         self._length = (self.batches - 1) * BATCH + last if self.batches else 0
+        self._batch: tuple[int, list[str]] | None = None  # the batch read last, for indexing
 
     def __len__(self) -> int:
         return self._length
@@ -126,8 +127,10 @@ class Records(Sequence):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        batch = next(self.texts(index // BATCH, index // BATCH + 1))
-        return json.loads(batch[index % BATCH])
+        number = index // BATCH
+        if self._batch is None or self._batch[0] != number:  # indexing in order reads each batch once
+            self._batch = (number, next(self.texts(number, number + 1)))
+        return json.loads(self._batch[1][index % BATCH])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for texts in self.texts():
